@@ -81,16 +81,17 @@ class LinearBase(nn.Module):
             raise KeyError(f"{self.prefix}: unknown shard {shard_id!r}; has {self.shard_names}")
         return self.shard_names.index(shard_id)
 
-    def shard_slice(self, param: Tensor, shard_id) -> Tensor:
-        """The part of `param` that holds shard `shard_id` (the whole param when not fused)."""
+    def shard_slice(self, param: nn.Parameter, shard_id) -> Tensor:
+        """The part of `param`'s data that holds shard `shard_id` (all of it when not fused)."""
+        data = param.data
         if shard_id is None:
-            return param
+            return data
         i = self.shard_index(shard_id)
         if param.shard_indexed:
-            return param[i]
+            return data[i]
         if param.output_dim is None:
-            return param  # replicated across shards (e.g. g_idx of fused q/k/v)
-        rows = param.size(param.output_dim)
+            return data  # replicated across shards (e.g. g_idx of fused q/k/v)
+        rows = data.size(param.output_dim)
         start, size = sum(self.output_sizes[:i]), self.output_sizes[i]
         if (start * rows) % self.output_size or (size * rows) % self.output_size:
             raise ValueError(
@@ -98,11 +99,11 @@ class LinearBase(nn.Module):
                 f"a parameter of {rows} rows for {self.output_size} outputs"
             )
         scale = rows / self.output_size
-        return param.narrow(param.output_dim, int(start * scale), int(size * scale))
+        return data.narrow(param.output_dim, int(start * scale), int(size * scale))
 
     def weight_loader(self, param: nn.Parameter, loaded: Tensor, shard_id=None) -> None:
         """Copy a checkpoint tensor into its place in `param`, checking the shape."""
-        target = self.shard_slice(param.data, shard_id)
+        target = self.shard_slice(param, shard_id)
         if param.shard_indexed and loaded.numel() == target.numel():
             loaded = loaded.reshape(target.shape)
         if tuple(target.shape) != tuple(loaded.shape):
