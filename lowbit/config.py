@@ -69,7 +69,12 @@ class EngineArgs:
             )
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(
-                f"load_format={self.load_format!r} is not supported; use one of {list(LOAD_FORMATS)}"
+                f"load_format={self.load_format!r} is not supported; "
+                f"use one of {list(LOAD_FORMATS)}"
+            )
+        if self.device is not None and self.device.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError(
+                f"device={self.device!r} is not supported; use 'cpu', 'cuda' or 'cuda:N'"
             )
         if self.context_length is not None and self.context_length <= 0:
             raise ValueError(f"context_length must be positive, got {self.context_length}")

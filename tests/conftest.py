@@ -53,7 +53,9 @@ ARCHS = {
             "head_dim": 32,
         },
     ),
-    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}),
+    "mistral": (
+        transformers.MistralConfig, transformers.MistralForCausalLM, {"sliding_window": None}
+    ),
     "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM, {}),
     "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM, {"head_dim": 32}),
 }  # fmt: skip

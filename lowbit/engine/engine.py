@@ -76,7 +76,7 @@ class Engine:
         self._pending: list[StreamDelta] = []
 
     def _context_length(self, cfg: ModelConfig) -> int:
-        """Longest sequence: asked for, else the model's; capped by sliding window and KV capacity."""
+        """Longest sequence: asked for or the model's, capped by sliding window and KV capacity."""
         ctx = self.args.context_length or cfg.max_position_embeddings
         if ctx > cfg.max_position_embeddings:
             raise ValueError(
@@ -103,7 +103,9 @@ class Engine:
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
             ids = list(prompt)
         else:
-            raise TypeError(f"a prompt is a str or a list of token ids, got {type(prompt).__name__}")
+            raise TypeError(
+                f"a prompt is a str or a list of token ids, got {type(prompt).__name__}"
+            )
         if not ids:
             raise ValueError("prompt is empty; give at least one character or token id")
         vocab = self.model_config.vocab_size
@@ -136,7 +138,9 @@ class Engine:
             if params.seed is not None:
                 gen = torch.Generator(device=self.runner.device).manual_seed(params.seed + i)
             detok = Detokenizer(self.tokenizer, ids, params.skip_special_tokens)
-            seq.state = _SeqState(detok, StopChecker(params.stop, params.include_stop_str_in_output), gen)
+            seq.state = _SeqState(
+                detok, StopChecker(params.stop, params.include_stop_str_in_output), gen
+            )
             seqs.append(seq)
             if params.max_new_tokens == 0:
                 self.scheduler.finish(seq, "length")
@@ -186,7 +190,9 @@ class Engine:
             s.seq.num_computed += s.num_new
         if not sampling:
             return out
-        rows = [SampleRow(q.params, q.prompt_ids, q.output_ids, q.state.generator) for q in sampling]
+        rows = [
+            SampleRow(q.params, q.prompt_ids, q.output_ids, q.state.generator) for q in sampling
+        ]
         tokens, logprobs = sample(logits, rows, self.runner.generator)
         for seq, tok, lp in zip(sampling, tokens, logprobs):
             out.append(self._append_token(seq, tok, lp))
@@ -226,8 +232,10 @@ class Engine:
         prompt_list = [prompts] if single else list(prompts)
         if not prompt_list:
             raise ValueError("no prompts given")
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(
-            prompt_list
+        params = (
+            sampling_params
+            if isinstance(sampling_params, list)
+            else [sampling_params] * len(prompt_list)
         )
         if len(params) != len(prompt_list):
             raise ValueError(f"{len(params)} sampling params for {len(prompt_list)} prompts")

@@ -158,7 +158,7 @@ class RequestOutput:
 
 @dataclass
 class StreamDelta:
-    """What one step added to one sample: new text, tokens and logprobs; finish_reason at the end."""
+    """What one step added to one sample: text, tokens, logprobs; finish_reason at the end."""
 
     request_id: str
     index: int

@@ -1,4 +1,4 @@
-"""Sampling on the device: penalties, temperature, top-k/top-p/min-p, per-request seeds, logprobs."""
+"""Sampling on the device: penalties, temperature, top-k/p, min-p, per-request seeds, logprobs."""
 
 from __future__ import annotations
 
@@ -32,7 +32,9 @@ def _apply_penalties(logits: Tensor, rows: list[SampleRow]) -> Tensor:
             )
         if (p.frequency_penalty or p.presence_penalty) and row.output_ids:
             ids = torch.tensor(row.output_ids, device=logits.device)
-            counts = torch.zeros_like(logits[i]).scatter_add_(0, ids, torch.ones_like(ids, dtype=logits.dtype))
+            counts = torch.zeros_like(logits[i]).scatter_add_(
+                0, ids, torch.ones_like(ids, dtype=logits.dtype)
+            )
             logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0)
     return logits
 

@@ -103,8 +103,7 @@ def build_metadata(
     block_size: int,
     device: torch.device,
 ) -> AttentionMetadata:
-    """Indices for B sequences: each has seq_len tokens in all, of which the last query_len are new."""
-    B = len(seq_lens)
+    """Indices for B sequences of seq_len tokens each, of which the last query_len are new."""
     max_q, max_c = max(query_lens), max(seq_lens)
     max_blocks = max(len(t) for t in block_tables)
     table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.long)
@@ -120,9 +119,7 @@ def build_metadata(
     # Padding queries attend to slot 0 only, so no row is fully masked (SDPA would give NaN).
     mask = mask & valid_q[:, :, None] | (~valid_q[:, :, None] & (ctx == 0)[None, None, :])
     token_index = torch.cat([b * max_q + torch.arange(n) for b, n in enumerate(query_lens)])
-    slot_mapping = torch.cat(
-        [kv_slots[b, lens[b] - n : lens[b]] for b, n in enumerate(query_lens)]
-    )
+    slot_mapping = torch.cat([kv_slots[b, lens[b] - n : lens[b]] for b, n in enumerate(query_lens)])
     return AttentionMetadata(
         slot_mapping=slot_mapping.to(device),
         token_index=token_index.to(device),

@@ -13,7 +13,9 @@ class VocabEmbedding(nn.Module):
     def __init__(self, vocab_size: int, hidden: int, dtype: torch.dtype):
         super().__init__()
         self.vocab_size = vocab_size
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden, dtype=dtype), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(vocab_size, hidden, dtype=dtype), requires_grad=False
+        )
 
     def forward(self, ids: Tensor) -> Tensor:
         """Look the ids up."""

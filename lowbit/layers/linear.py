@@ -95,8 +95,8 @@ class LinearBase(nn.Module):
         start, size = sum(self.output_sizes[:i]), self.output_sizes[i]
         if (start * rows) % self.output_size or (size * rows) % self.output_size:
             raise ValueError(
-                f"{self.prefix}: shard {shard_id!r} ({size} outputs at {start}) does not align with "
-                f"a parameter of {rows} rows for {self.output_size} outputs"
+                f"{self.prefix}: shard {shard_id!r} ({size} outputs at {start}) does not align "
+                f"with a parameter of {rows} rows for {self.output_size} outputs"
             )
         scale = rows / self.output_size
         return data.narrow(param.output_dim, int(start * scale), int(size * scale))
@@ -149,7 +149,9 @@ class MergedColumnLinear(LinearBase):
     """Several linears of the same input fused along the output (gate_proj + up_proj)."""
 
     def __init__(self, input_size: int, output_sizes: list[int], **kw):
-        super().__init__(input_size, output_sizes, shard_names=tuple(range(len(output_sizes))), **kw)
+        super().__init__(
+            input_size, output_sizes, shard_names=tuple(range(len(output_sizes))), **kw
+        )
 
 
 class QKVLinear(LinearBase):

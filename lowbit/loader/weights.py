@@ -1,4 +1,4 @@
-"""Where a model's files are (local dir or hub id) and streaming its safetensors, one tensor at a time.
+"""Where a model's files are (local dir or hub id); its safetensors streamed one tensor at a time.
 
 Never unpickles: only safetensors are read.
 """

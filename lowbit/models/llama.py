@@ -60,7 +60,8 @@ class DecoderMLP(nn.Module):
         I = cfg.intermediate_size  # noqa: E741
         sources = [f"{prefix}.gate_proj", f"{prefix}.up_proj"]
         self.gate_up_proj = MergedColumnLinear(
-            cfg.hidden_size, [I, I], bias=False, params_dtype=dtype, prefix=f"{prefix}.gate_up_proj",
+            cfg.hidden_size, [I, I], bias=False, params_dtype=dtype,
+            prefix=f"{prefix}.gate_up_proj",
             scheme=plan.scheme_for(f"{prefix}.gate_up_proj", sources),
         )  # fmt: skip
         self.down_proj = ReplicatedLinear(
@@ -102,7 +103,9 @@ class DecoderModel(nn.Module):
     def __init__(self, cfg: ModelConfig, plan: QuantPlan, dtype):
         super().__init__()
         self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, dtype)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, plan, i, dtype) for i in range(cfg.num_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, plan, i, dtype) for i in range(cfg.num_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
 
 
