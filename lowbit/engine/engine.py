@@ -19,7 +19,7 @@ from lowbit.engine.request import (
     Sequence,
     StreamDelta,
 )
-from lowbit.engine.runner import ModelRunner
+from lowbit.engine.runner import ModelRunner, pick_device
 from lowbit.engine.sampler import SampleRow, sample
 from lowbit.engine.scheduler import Scheduler
 from lowbit.engine.tokenizer import Detokenizer, StopChecker, chat_ids, load_tokenizer
@@ -61,7 +61,10 @@ class Engine:
         self.model_dir = resolve_model_path(self.args.model_path, self.args.revision)
         self.model_config = cfg = ModelConfig.from_dir(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
-        plan = resolve_plan(self.model_dir, cfg, quantization, torchao_config)
+        if torchao_config is not None:
+            plan = self._torchao_plan(cfg, torchao_config)
+        else:
+            plan = resolve_plan(self.model_dir, cfg, quantization, None)
         self.quant_plan = plan
         self.runner = ModelRunner(self.args, cfg, plan, self.model_dir)
         self.allocator = BlockAllocator(self.runner.num_blocks, self.args.block_size)
@@ -74,6 +77,19 @@ class Engine:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self._requests: dict[str, list[Sequence]] = {}
         self._pending: list[StreamDelta] = []
+
+    def _torchao_plan(self, cfg: ModelConfig, name: str):
+        """torchao quantizes full-precision checkpoints only, with a string this device can run."""
+        from lowbit.quant.torchao import TorchaoPlan, check_torchao_config
+
+        if cfg.quantization_config is not None:
+            method = cfg.quantization_config.get("quant_method", "?")
+            raise ValueError(
+                f"--torchao-config {name} needs a full-precision checkpoint, but "
+                f"{self.model_dir} is already quantized ({method}); drop --torchao-config"
+            )
+        check_torchao_config(name, pick_device(self.args.device))
+        return TorchaoPlan(name)
 
     def _context_length(self, cfg: ModelConfig) -> int:
         """Longest sequence: asked for or the model's, capped by sliding window and KV capacity."""

@@ -68,12 +68,15 @@ def load_tensors(model: nn.Module, tensors: Iterable[tuple[str, Tensor, str]], p
                     f"({model.config.architecture}) has no parameter {target!r}"
                 )
             loader = getattr(param, "weight_loader", default_weight_loader)
+            # Meta placeholders (online schemes) take the CPU tensor and place it themselves.
+            if not param.is_meta:
+                tensor = tensor.to(param.device)
             try:
                 with torch.no_grad():
                     if shard is None:
-                        loader(param, tensor.to(param.device))
+                        loader(param, tensor)
                     else:
-                        loader(param, tensor.to(param.device), shard)
+                        loader(param, tensor, shard)
             except (ValueError, RuntimeError, KeyError) as e:
                 raise ValueError(f"cannot load tensor {raw_name!r} from {file}: {e}") from e
             owner, pname = target.rsplit(".", 1)
@@ -125,7 +128,10 @@ def init_dummy_weights(model: nn.Module, plan: QuantPlan, seed: int = 0) -> None
     gen = torch.Generator(device="cpu").manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
+            if param.is_meta:  # an online scheme's placeholder: feed it like a checkpoint would
+                rnd = torch.randn(param.shape, generator=gen) * 0.02
+                param.weight_loader(param, rnd.to(param.dtype))
+            elif name.endswith("norm.weight"):
                 param.fill_(1.0)
             elif param.dtype.is_floating_point and param.dtype.itemsize > 1:
                 # Small values keep activations finite through many layers.

@@ -1,0 +1,164 @@
+"""`--torchao-config`: SGLang's nine torchao strings, applied by torchao's own `quantize_`.
+
+Each linear layer is quantized as its weights stream in: the full-precision weight of one layer
+(all shards of a fused layer) is staged on the device, handed to torchao, and freed, so the
+full-precision model never sits whole on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+INT4_GROUP_SIZES = (32, 64, 128, 256)
+
+
+def _fp8_capable(device: torch.device) -> bool:
+    """fp8 matmuls need Ada/Hopper (SM 8.9+)."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _make_config(name: str):
+    """torchao config object for one of the supported strings (torchao imported lazily)."""
+    import torchao.quantization as tq
+
+    if name == "int8dq":
+        return tq.Int8DynamicActivationInt8WeightConfig()
+    if name == "int8wo":
+        return tq.Int8WeightOnlyConfig()
+    if name == "fp8wo":
+        return tq.Float8WeightOnlyConfig()
+    if name.startswith("fp8dq-"):
+        gran = tq.PerTensor() if name == "fp8dq-per_tensor" else tq.PerRow()
+        return tq.Float8DynamicActivationFloat8WeightConfig(granularity=gran)
+    group = int(name.split("-")[1])
+    # tinygemm's layout: the packing torchao runs on CUDA without extra packages.
+    return tq.Int4WeightOnlyConfig(group_size=group, int4_packing_format="tile_packed_to_4d")
+
+
+# name → (device check returning why it cannot run here, or None)
+_REQUIREMENTS: dict[str, Callable[[torch.device], str | None]] = {
+    "int8dq": lambda d: None,
+    "int8wo": lambda d: None,
+    "fp8wo": lambda d: None if d.type == "cpu" or _fp8_capable(d) else "needs SM 8.9+ GPUs",
+    "fp8dq-per_tensor": lambda d: None if _fp8_capable(d) else "needs a CUDA GPU with SM 8.9+",
+    "fp8dq-per_row": lambda d: None if _fp8_capable(d) else "needs a CUDA GPU with SM 8.9+",
+    **{
+        f"int4wo-{g}": (lambda d: None if d.type == "cuda" else "torchao has no int4 CPU kernel")
+        for g in INT4_GROUP_SIZES
+    },
+}
+TORCHAO_CONFIGS = tuple(_REQUIREMENTS)
+# int8dq's dynamic activation quantization breaks CUDA-graph capture in SGLang (sglang#2219).
+NOT_GRAPH_SAFE = frozenset()
+
+
+def check_torchao_config(name: str, device: torch.device) -> None:
+    """Fail before loading when the string is unknown or cannot run on this device."""
+    if name not in _REQUIREMENTS:
+        raise ValueError(f"unknown --torchao-config {name!r}; supported: {list(TORCHAO_CONFIGS)}")
+    reason = _REQUIREMENTS[name](device)
+    if reason:
+        usable = [n for n, req in _REQUIREMENTS.items() if req(device) is None]
+        raise ValueError(
+            f"--torchao-config {name} cannot run on {device.type} ({reason}); "
+            f"on this device use one of {usable}"
+        )
+    try:
+        import torchao  # noqa: F401
+    except ImportError as e:
+        raise ValueError(
+            "--torchao-config needs the torchao package: pip install 'lowbit[torchao]'"
+        ) from e
+
+
+class TorchaoScheme:
+    """A linear whose full-precision weight is handed to torchao's `quantize_` once loaded."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.cuda_graph_safe = name not in NOT_GRAPH_SAFE
+
+    def create_weights(self, layer) -> None:
+        """A meta-device `weight` (no memory) whose loader stages shards on the real device."""
+        device = torch.get_default_device()
+        self._staged: dict[int, Tensor] = {}
+        self._device = device
+
+        def load(param, tensor, shard_id=None):
+            self._load(layer, param, tensor, shard_id)
+
+        meta = torch.empty(layer.output_size, layer.input_size, dtype=layer.params_dtype,
+                           device="meta")  # fmt: skip
+        layer.add_param("weight", meta, output_dim=0, input_dim=1, weight_loader=load)
+        layer.torchao_linear = None
+
+    def _load(self, layer, param, tensor: Tensor, shard_id) -> None:
+        """Stage one shard; when the layer is complete, quantize it and drop the staging."""
+        whole = shard_id is None
+        i = 0 if whole else layer.shard_index(shard_id)
+        rows = layer.output_size if whole else layer.output_sizes[i]
+        if tuple(tensor.shape) != (rows, layer.input_size):
+            raise ValueError(
+                f"shape mismatch: expected {(rows, layer.input_size)}, checkpoint has "
+                f"{tuple(tensor.shape)}"
+            )
+        self._staged[i] = tensor.to(self._device, layer.params_dtype)
+        if whole or len(self._staged) == len(layer.shard_names):
+            weight = torch.cat([self._staged[k] for k in sorted(self._staged)])  # (out, in)
+            self._staged.clear()
+            layer.torchao_linear = self._quantize(layer, weight)
+
+    def _quantize(self, layer, weight: Tensor) -> nn.Linear:
+        """torchao's quantize_ on a bias-free nn.Linear holding `weight`."""
+        from torchao.quantization import quantize_
+
+        lin = nn.Linear(layer.input_size, layer.output_size, bias=False, device="meta")
+        lin.weight = nn.Parameter(weight, requires_grad=False)
+        quantize_(lin, _make_config(self.name))
+        return lin
+
+    def process_weights_after_loading(self, layer) -> None:
+        """Drop the meta placeholder; the torchao module holds the weight now."""
+        if layer.torchao_linear is None:
+            raise ValueError(f"{layer.prefix}: not all shards of the weight were loaded")
+        del layer._parameters["weight"]
+
+    def apply(self, layer, x: Tensor, bias: Tensor | None) -> Tensor:
+        """torchao's quantized matmul, then the bias."""
+        y = layer.torchao_linear(x)
+        return y if bias is None else y + bias
+
+    def describe(self) -> str:
+        """Scheme and kernel for `lowbit inspect`."""
+        return f"torchao {self.name} → torchao.quantize_ tensor subclass"
+
+
+class TorchaoPlan:
+    """Every decoder linear gets `TorchaoScheme`; lm_head stays full precision (as in SGLang)."""
+
+    def __init__(self, name: str):
+        self.method = f"torchao:{name}"
+        self.description = f"torchao {name} (online, applied while loading)"
+        self.name = name
+
+    def scheme_for(self, prefix: str, sources: list[str]):
+        """TorchaoScheme for decoder linears, unquantized for lm_head."""
+        if prefix == "lm_head":
+            from lowbit.quant.schemes.unquantized import UnquantizedScheme
+
+            return UnquantizedScheme()
+        return TorchaoScheme(self.name)
+
+    def transform(self, name: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+        """Checkpoint tensors pass through unchanged."""
+        return [(name, tensor)]
+
+    def expected_unused(self, name: str) -> bool:
+        """Nothing in a full-precision checkpoint is skipped."""
+        return False
