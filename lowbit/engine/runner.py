@@ -1,6 +1,11 @@
 """ModelRunner: owns the device — builds and loads the model, sizes the KV cache, runs forwards.
 
-Fixed order: build → load → warm up → measure memory → size the KV cache.
+Fixed order: build → load → warm up → measure memory → size the KV cache → capture CUDA graphs.
+
+Decode steps (one new token per sequence, logits for each) replay a CUDA graph captured for the
+smallest batch-size bucket that holds the batch. The graph reads static buffers — token ids,
+positions, slots, block tables, lengths — that each step fills in place; padding rows get slot -1
+(nothing written) and length 0 (attention output 0), and their logits are dropped.
 """
 
 from __future__ import annotations
@@ -12,7 +17,14 @@ import torch
 from torch import Tensor
 
 from lowbit.config import DTYPES, EngineArgs, ModelConfig
-from lowbit.layers.attention import KVCache, build_metadata
+from lowbit.kernels import dispatch
+from lowbit.layers.attention import (
+    AttentionMetadata,
+    KVCache,
+    build_metadata,
+    kernel_slots,
+    padded_tables,
+)
 from lowbit.loader.loader import build_model, init_dummy_weights, load_checkpoint
 from lowbit.quant.spec import QuantPlan
 
@@ -22,6 +34,8 @@ _KV_DTYPES = {"fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 # CPU has no allocator to measure: a fixed default capacity, capped by bytes.
 _CPU_KV_TOKENS = 65536
 _CPU_KV_BYTES = 4 << 30
+# Decode batch sizes that get a CUDA graph; a batch replays the smallest bucket that holds it.
+GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -60,6 +74,12 @@ class ModelRunner:
         self.generator = torch.Generator(device=self.device).manual_seed(args.seed)
         self.num_blocks = self._size_kv_cache()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        if self.device.type == "cuda" and not args.disable_cuda_graph:
+            if dispatch.use_triton(self.device):
+                self._capture_graphs()
+            else:
+                logger.warning("CUDA graphs need Triton's attention kernels; running eagerly")
 
     def _kv_bytes_per_token(self) -> int:
         """K and V of one token across all layers."""
@@ -118,6 +138,79 @@ class ModelRunner:
             for _ in range(self.cfg.num_layers)
         ]
 
+    # ---- CUDA graphs for decode ----
+
+    def _capture_graphs(self) -> None:
+        """Allocate the static decode buffers and capture one graph per batch-size bucket."""
+        buckets = [b for b in GRAPH_BUCKETS if b <= self.args.max_running_requests]
+        if self.args.max_running_requests not in buckets and self.args.max_running_requests < 256:
+            buckets.append(self.args.max_running_requests)
+        max_b = buckets[-1]
+        ctx = min(self.cfg.max_position_embeddings, self.num_blocks * self.block_size)
+        dev = self.device
+        self._g_ids = torch.zeros(max_b, dtype=torch.long, device=dev)
+        self._g_pos = torch.zeros(max_b, dtype=torch.long, device=dev)
+        self._g_slots = torch.full((max_b,), -1, dtype=torch.long, device=dev)
+        self._g_lens = torch.zeros(max_b, dtype=torch.int32, device=dev)
+        self._g_tables = torch.zeros(
+            max_b, -(-ctx // self.block_size), dtype=torch.int32, device=dev
+        )
+        pool = None
+        with torch.inference_mode():
+            for b in reversed(buckets):  # largest first, so smaller graphs reuse its memory
+                meta = AttentionMetadata(
+                    slot_mapping=self._g_slots[:b], max_q=1, block_size=self.block_size,
+                    block_tables=self._g_tables[:b], seq_lens=self._g_lens[:b],
+                )  # fmt: skip
+                self._decode_body(b, meta)  # compiles kernels outside the capture
+                torch.cuda.synchronize(dev)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self._decode_body(b, meta)
+                pool = graph.pool()
+                self.graphs[b] = (graph, logits)
+        torch.cuda.synchronize(dev)
+        logger.info("captured decode CUDA graphs for batch sizes %s", buckets)
+
+    def _decode_body(self, b: int, meta: AttentionMetadata) -> Tensor:
+        """The captured work: b tokens from the static buffers → float32 logits (b, vocab)."""
+        hidden = self.model(self._g_ids[:b], self._g_pos[:b], meta, self.kv_caches)
+        return self.model.compute_logits(hidden)
+
+    def _graph_bucket(self, seq_lens, query_lens, caches, logits_at) -> int | None:
+        """The bucket whose graph runs this batch, or None to run it eagerly."""
+        B = len(seq_lens)
+        if not self.graphs or caches is not None or B > max(self.graphs):
+            return None
+        if any(q != 1 for q in query_lens) or logits_at != list(range(B)):
+            return None
+        return min(b for b in self.graphs if b >= B)
+
+    def _replay(self, bucket: int, ids: Tensor, seq_lens, block_tables) -> Tensor:
+        """Fill the static buffers for B ≤ bucket decoding sequences, replay, return (B, vocab)."""
+        B = len(seq_lens)
+        slots = kernel_slots(seq_lens, [1] * B, block_tables, self.block_size)
+        pad = bucket - B
+        # One host→device copy for positions, slots and lengths of all rows, padding included.
+        host = torch.tensor(
+            [
+                [L - 1 for L in seq_lens] + [0] * pad,
+                slots + [-1] * pad,
+                list(seq_lens) + [0] * pad,
+            ],
+            dtype=torch.long,
+        )
+        dev = host.to(self.device, non_blocking=True)
+        self._g_pos[:bucket].copy_(dev[0])
+        self._g_slots[:bucket].copy_(dev[1])
+        self._g_lens[:bucket].copy_(dev[2])
+        self._g_ids[:B].copy_(ids)
+        tables = padded_tables(block_tables)  # (B, w) int32
+        self._g_tables[:B, : tables.shape[1]].copy_(tables, non_blocking=True)
+        graph, logits = self.graphs[bucket]
+        graph.replay()
+        return logits[:B]
+
     @torch.inference_mode()
     def forward(
         self,
@@ -128,7 +221,13 @@ class ModelRunner:
         caches: list[KVCache] | None = None,
         logits_at: list[int] | None = None,
     ) -> Tensor:
-        """Compute `ids` (T,) for B sequences; float32 logits at flat indices `logits_at`."""
+        """Compute `ids` (T,) for B sequences; float32 logits at flat indices `logits_at`.
+
+        Decode batches replay a CUDA graph; their logits are a view valid until the next call.
+        """
+        bucket = self._graph_bucket(seq_lens, query_lens, caches, logits_at)
+        if bucket is not None:
+            return self._replay(bucket, ids, seq_lens, block_tables)
         meta = build_metadata(seq_lens, query_lens, block_tables, self.block_size, self.device)
         positions = torch.cat([torch.arange(s - q, s) for s, q in zip(seq_lens, query_lens)]).to(
             self.device

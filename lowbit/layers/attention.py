@@ -1,8 +1,9 @@
-"""Paged attention over block tables, plain torch (the CPU path and the GPU fallback).
+"""Paged attention over block tables: Triton kernels on CUDA, plain torch elsewhere.
 
 A batch is a flat run of T new tokens from B sequences. Each sequence's keys and values live in
 fixed-size blocks of the KV cache; `AttentionMetadata` holds, once per forward, the indices every
-layer needs: where to write the new k/v, which cache slots each sequence reads, and the causal mask.
+layer needs: where to write the new k/v and which cache slots each sequence reads — as block
+tables for the kernels, or as gathered slots plus a causal mask for the torch path.
 """
 
 from __future__ import annotations
@@ -13,16 +14,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lowbit.kernels import dispatch
+
 
 @dataclass
 class AttentionMetadata:
-    """Per-forward indices shared by all layers. B sequences, T new tokens, Q/C padded lengths."""
+    """Per-forward indices shared by all layers. B sequences, T new tokens, Q/C padded lengths.
 
-    slot_mapping: Tensor  # (T,) cache slot of each new token
-    token_index: Tensor  # (T,) position of each new token in the padded (B·Q) query grid
-    kv_slots: Tensor  # (B, C) cache slots each sequence reads, 0 past its length
-    mask: Tensor  # (B, 1, Q, C) bool, True where query may attend
+    The kernel path fills block_tables/seq_lens/query_start; the torch path fills
+    token_index/kv_slots/mask. For CUDA graphs every tensor is a view of a static buffer.
+    """
+
+    slot_mapping: Tensor  # (T,) cache slot of each new token; -1 = padding, not written
     max_q: int  # Q
+    block_size: int = 16
+    # torch path
+    token_index: Tensor | None = None  # (T,) position of each new token in the (B·Q) query grid
+    kv_slots: Tensor | None = None  # (B, C) cache slots each sequence reads, 0 past its length
+    mask: Tensor | None = None  # (B, 1, Q, C) bool, True where query may attend
+    # kernel path
+    block_tables: Tensor | None = None  # (B, max_blocks) int32
+    seq_lens: Tensor | None = None  # (B,) int32, cached + new tokens (0 for padding rows)
+    query_start: Tensor | None = None  # (B + 1,) int32 cumulative new-token counts (prefill)
 
 
 @dataclass
@@ -77,6 +90,8 @@ class Attention(nn.Module):
         self, q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata, cache: KVCache
     ) -> Tensor:
         """q (T, H, D), k/v (T, Hkv, D) → (T, H·D)."""
+        if meta.block_tables is not None:
+            return self._forward_kernels(q, k, v, meta, cache)
         cache.write(meta.slot_mapping, k, v)
         B, C = meta.kv_slots.shape
         T, H, D = q.shape
@@ -95,6 +110,24 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(B * meta.max_q, H * D)
         return out[meta.token_index]
 
+    def _forward_kernels(
+        self, q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata, cache: KVCache
+    ) -> Tensor:
+        """Triton path: store k/v, then decode (one token each) or prefill attention."""
+        T, H, D = q.shape
+        dispatch.kv_store(k, v, cache.k, cache.v, meta.slot_mapping, cache.k_scale, cache.v_scale)
+        if meta.max_q == 1:
+            out = dispatch.paged_decode_attention(
+                q, cache.k, cache.v, meta.block_tables, meta.seq_lens, meta.block_size,
+                self.scale, cache.k_scale, cache.v_scale,
+            )  # fmt: skip
+        else:
+            out = dispatch.paged_prefill_attention(
+                q, cache.k, cache.v, meta.block_tables, meta.seq_lens, meta.query_start,
+                meta.max_q, meta.block_size, self.scale, cache.k_scale, cache.v_scale,
+            )  # fmt: skip
+        return out.view(T, H * D)
+
 
 def build_metadata(
     seq_lens: list[int],
@@ -104,6 +137,8 @@ def build_metadata(
     device: torch.device,
 ) -> AttentionMetadata:
     """Indices for B sequences of seq_len tokens each, of which the last query_len are new."""
+    if dispatch.use_triton(device):
+        return build_kernel_metadata(seq_lens, query_lens, block_tables, block_size, device)
     max_q, max_c = max(query_lens), max(seq_lens)
     max_blocks = max(len(t) for t in block_tables)
     table = torch.tensor([t + [0] * (max_blocks - len(t)) for t in block_tables], dtype=torch.long)
@@ -122,8 +157,45 @@ def build_metadata(
     slot_mapping = torch.cat([kv_slots[b, lens[b] - n : lens[b]] for b, n in enumerate(query_lens)])
     return AttentionMetadata(
         slot_mapping=slot_mapping.to(device),
+        max_q=max_q,
+        block_size=block_size,
         token_index=token_index.to(device),
         kv_slots=kv_slots.to(device),
         mask=mask[:, None].to(device),
-        max_q=max_q,
+    )
+
+
+def kernel_slots(seq_lens, query_lens, block_tables, block_size: int) -> list[int]:
+    """Cache slot of every new token, flat over the batch (pure Python)."""
+    slots = []
+    for L, n, table in zip(seq_lens, query_lens, block_tables):
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(L - n, L)]
+    return slots
+
+
+def padded_tables(block_tables: list[list[int]]) -> Tensor:
+    """(B, max_blocks) int32 block table, zero-padded (CPU)."""
+    width = max(1, max(len(t) for t in block_tables))
+    return torch.tensor([t + [0] * (width - len(t)) for t in block_tables], dtype=torch.int32)
+
+
+def build_kernel_metadata(
+    seq_lens: list[int],
+    query_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    device: torch.device,
+) -> AttentionMetadata:
+    """Block tables, lengths and slots for the Triton kernels."""
+    starts = [0]
+    for n in query_lens:
+        starts.append(starts[-1] + n)
+    slots = kernel_slots(seq_lens, query_lens, block_tables, block_size)
+    return AttentionMetadata(
+        slot_mapping=torch.tensor(slots, dtype=torch.long).to(device),
+        max_q=max(query_lens),
+        block_size=block_size,
+        block_tables=padded_tables(block_tables).to(device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32).to(device),
+        query_start=torch.tensor(starts, dtype=torch.int32).to(device),
     )

@@ -1,0 +1,215 @@
+"""The one place that picks a kernel: Triton / torch built-ins on CUDA, the reference elsewhere.
+
+Every op here has the signature of its reference in `lowbit.kernels.reference` (the CPU path and
+the tests' oracle); schemes and layers call these and never branch on the device themselves.
+Triton is imported lazily, so CPU-only installs never need it. `LOWBIT_DISABLE_TRITON=1` forces
+the reference path everywhere (for bisecting a numerical difference).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+from torch import Tensor
+
+
+@functools.cache
+def triton_available() -> bool:
+    """Whether Triton imports here."""
+    if os.environ.get("LOWBIT_DISABLE_TRITON") == "1":
+        return False
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(device: torch.device) -> bool:
+    """Triton kernels run on CUDA devices when Triton is installed."""
+    return device.type == "cuda" and triton_available()
+
+
+@functools.cache
+def capability(index: int = 0) -> tuple[int, int]:
+    """Compute capability of a CUDA device, (0, 0) without CUDA."""
+    if not torch.cuda.is_available():
+        return (0, 0)
+    return torch.cuda.get_device_capability(index)
+
+
+def fp8_mma_supported(device: torch.device) -> bool:
+    """FP8 tensor-core GEMMs need Ada or Hopper (sm_89+)."""
+    return device.type == "cuda" and capability(device.index or 0) >= (8, 9)
+
+
+def _triton(module: str, name: str):
+    """A wrapper from lowbit.kernels.triton.<module>, imported on first use."""
+    return getattr(importlib.import_module(f"lowbit.kernels.triton.{module}"), name)
+
+
+def _reference(name: str):
+    """The pure-torch reference op `name`."""
+    ref = importlib.import_module("lowbit.kernels.reference")
+    if not hasattr(ref, name):
+        raise NotImplementedError(f"lowbit.kernels.reference has no {name!r} yet")
+    return getattr(ref, name)
+
+
+# ---- weight-only int4 / int8 ----
+
+
+def wna16_gemm(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    qzeros: Tensor | None,
+    group_size: int,
+    bits: int = 4,
+    bias: Tensor | None = None,
+    perm: Tensor | None = None,
+) -> Tensor:
+    """x @ dequant(W)^T for the canonical packed group-wise layout (see triton/wna16_gemm.py)."""
+    if use_triton(x.device) and x.dtype in (torch.float16, torch.bfloat16):
+        return _triton("wna16_gemm", "wna16_gemm")(
+            x, qweight, scales, qzeros, group_size, bits, bias, perm
+        )
+    return _reference("wna16_gemm")(x, qweight, scales, qzeros, group_size, bits, bias, perm)
+
+
+# ---- FP8 W8A8 ----
+
+
+def act_quant(x: Tensor, dtype: torch.dtype, group_size: int | None = None):
+    """Dynamic symmetric per-token (or per token-group) quantization → (codes, float32 scales)."""
+    if use_triton(x.device):
+        return _triton("act_quant", "act_quant")(x, dtype, group_size)
+    return _reference("act_quant")(x, dtype, group_size)
+
+
+def fp8_scaled_mm(
+    x: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    input_scale: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """FP8 W8A8 with a per-tensor or per-channel weight scale.
+
+    x (…, K) bf16/fp16; weight (N, K) float8_e4m3fn; weight_scale () / (1,) or (N,) / (N, 1)
+    float32; input_scale None → dynamic per-token activations, else a static per-tensor scale.
+    """
+    if not fp8_mma_supported(x.device):
+        return _reference("fp8_scaled_mm")(x, weight, weight_scale, input_scale, bias)
+    N, K = weight.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    M = x2.shape[0]
+    if input_scale is None:
+        xq, xs = act_quant(x2.contiguous(), torch.float8_e4m3fn)  # (M, K), (M, 1)
+    else:
+        xs = input_scale.reshape(1, 1).float()
+        xq = (x2.float() / xs).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    ws = weight_scale.float()
+    if ws.numel() == 1:
+        ws = ws.reshape(1, 1)
+        if xs.numel() > 1:  # row-wise activations need a row-wise weight scale
+            ws = ws.expand(1, N).contiguous()
+    else:
+        ws = ws.reshape(1, N)
+        if xs.numel() == 1:
+            xs = xs.expand(M, 1).contiguous()
+    out_dtype = x.dtype if ws.numel() == 1 else torch.bfloat16  # row-wise cuBLAS: bf16 out
+    y = torch._scaled_mm(xq, weight.t(), scale_a=xs, scale_b=ws, out_dtype=out_dtype)
+    y = y.to(x.dtype)
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*lead, N)
+
+
+def fp8_block_gemm(
+    x: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    block_size: tuple[int, int] = (128, 128),
+    bias: Tensor | None = None,
+) -> Tensor:
+    """FP8 W8A8 with 128×128 block weight scales and 1×128 dynamic activation groups."""
+    if use_triton(x.device) and fp8_mma_supported(x.device):
+        return _triton("fp8_block_gemm", "fp8_block_gemm")(
+            x, weight, weight_scale, block_size, bias
+        )
+    return _reference("fp8_block_gemm")(x, weight, weight_scale, block_size, bias)
+
+
+# ---- INT8 W8A8 ----
+
+
+def int8_gemm(
+    x: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    input_scale: Tensor | None = None,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """INT8 W8A8: per-channel int8 weight, per-token dynamic (or static) int8 activations."""
+    if use_triton(x.device):
+        return _triton("int8_gemm", "int8_gemm")(x, weight, weight_scale, input_scale, bias)
+    return _reference("int8_gemm")(x, weight, weight_scale, input_scale, bias)
+
+
+# ---- fused elementwise (decode-path launch count) ----
+
+
+def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None):
+    """RMSNorm (with the residual add fused when `residual` is given)."""
+    if use_triton(x.device):
+        return _triton("rms_norm", "rms_norm")(x, weight, eps, residual)
+    return _reference("rms_norm")(x, weight, eps, residual)
+
+
+def rotary(positions: Tensor, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor):
+    """Rotate-half rotary embedding of q and k from (P, D/2) cos/sin tables."""
+    if use_triton(q.device):
+        return _triton("rotary", "rotary")(positions, q, k, cos, sin)
+    return _reference("rotary")(positions, q, k, cos, sin)
+
+
+def silu_mul(x: Tensor) -> Tensor:
+    """[gate | up] (…, 2I) → silu(gate) · up (…, I)."""
+    if use_triton(x.device):
+        return _triton("silu_mul", "silu_mul")(x)
+    return _reference("silu_mul")(x)
+
+
+# ---- paged attention (callers check `use_triton` and keep their torch path otherwise) ----
+
+
+def kv_store(k, v, k_cache, v_cache, slots, k_scale=1.0, v_scale=1.0) -> None:
+    """Write new keys/values at their cache slots (slot < 0: skipped)."""
+    _triton("kv_store", "kv_store")(k, v, k_cache, v_cache, slots, k_scale, v_scale)
+
+
+def paged_decode_attention(
+    q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, k_scale=1.0, v_scale=1.0,
+    num_splits=None,
+) -> Tensor:  # fmt: skip
+    """One query token per sequence over its paged cache (CUDA-graph safe)."""
+    return _triton("paged_decode_attention", "paged_decode_attention")(
+        q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, k_scale, v_scale,
+        num_splits,
+    )  # fmt: skip
+
+
+def paged_prefill_attention(
+    q, k_cache, v_cache, block_tables, seq_lens, query_start, max_query_len, block_size, scale,
+    k_scale=1.0, v_scale=1.0,
+) -> Tensor:  # fmt: skip
+    """Causal attention of variable-length query runs over paged caches with cached prefixes."""
+    return _triton("paged_prefill_attention", "paged_prefill_attention")(
+        q, k_cache, v_cache, block_tables, seq_lens, query_start, max_query_len, block_size,
+        scale, k_scale, v_scale,
+    )  # fmt: skip

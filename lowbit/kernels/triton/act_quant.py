@@ -1,0 +1,62 @@
+"""Dynamic symmetric activation quantization per token (or per token-group) to fp8 or int8.
+
+One pass: each program reads one (token, group) run, takes its absmax, writes the codes and
+the scale. group = K is per-token (row-wise FP8 / INT8 W8A8); group = 128 feeds block FP8.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+QMAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
+EPS = 1e-10  # all-zero rows get a tiny scale instead of a division by zero
+
+
+@triton.jit
+def _act_quant_kernel(
+    x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm,
+    GROUP: tl.constexpr, BLOCK: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr,
+    EPS: tl.constexpr,
+):  # fmt: skip
+    m = tl.program_id(0)
+    g = tl.program_id(1)
+    k = g * GROUP + tl.arange(0, BLOCK)
+    mask = (k < K) & (tl.arange(0, BLOCK) < GROUP)
+    x = tl.load(x_ptr + m * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), axis=0), EPS)
+    scale = amax / QMAX
+    y = x / scale
+    if IS_INT:
+        y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))  # round half away from zero
+    y = tl.clamp(y, -QMAX, QMAX)
+    tl.store(q_ptr + m * stride_qm + k, y.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + m * stride_sm + g, scale)
+
+
+def act_quant(
+    x: Tensor, dtype: torch.dtype, group_size: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """Quantize rows of x to `dtype` with one float32 scale per (row, group).
+
+    x        (M, K)          bf16 / fp16 / fp32, unit last stride
+    returns  q (M, K) dtype, scales (M, K // group) float32 (group None → K, scales (M, 1))
+    """
+    assert x.dim() == 2 and x.stride(-1) == 1, (x.shape, x.stride())
+    assert dtype in QMAX, f"dtype {dtype}; supported {list(QMAX)}"
+    M, K = x.shape
+    group = group_size or K
+    assert K % group == 0, f"K={K} is not a multiple of the group size {group}"
+    q = torch.empty(M, K, dtype=dtype, device=x.device)
+    s = torch.empty(M, K // group, dtype=torch.float32, device=x.device)
+    if M == 0:
+        return q, s
+    block = triton.next_power_of_2(group)
+    _act_quant_kernel[(M, K // group)](
+        x, q, s, K, x.stride(0), q.stride(0), s.stride(0),
+        GROUP=group, BLOCK=block, QMAX=QMAX[dtype], IS_INT=dtype == torch.int8, EPS=EPS,
+        num_warps=min(16, max(1, block // 256)),
+    )  # fmt: skip
+    return q, s

@@ -1,0 +1,176 @@
+"""Paged decode attention: one new query token per sequence over its paged KV cache.
+
+Split-KV (flash-decoding): each program takes one (sequence, KV head, context split) and all the
+query heads of that KV head's group, so batch 1 with 8 KV heads still fills the GPU. A second
+kernel merges the splits' partial softmaxes. fp8 caches are read and multiplied by their scale.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_N = 64  # context tokens per inner step
+TARGET_PROGRAMS = 264  # ~2 waves of 132 SMs (H100 SXM)
+MAX_SPLITS = 32
+
+
+@triton.jit
+def _paged_decode_attention_kernel(
+    q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, ml_ptr,
+    scale, k_scale, v_scale,
+    stride_qb, stride_qh, stride_ks, stride_kh, stride_tb, stride_ob, stride_oh,
+    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    IS_FP8: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    hkv = tl.program_id(1)
+    split = tl.program_id(2)
+    seq_len = tl.load(lens_ptr + b)
+    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    start = split * per_split
+    end = tl.minimum(start + per_split, seq_len)
+
+    g = tl.arange(0, GROUP_PAD)
+    d = tl.arange(0, BLOCK_D)
+    heads = hkv * GROUP + g
+    g_mask = g < GROUP
+    d_mask = d < HEAD_DIM
+    # The group's query heads are the rows of a (GROUP_PAD ≥ 16, D) tile, so both products
+    # run on the tensor cores; padding rows are zero and never stored.
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # (G, D)
+
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+    n = tl.arange(0, BLOCK_N)
+    for s in range(start, end, BLOCK_N):
+        tok = s + n
+        t_mask = tok < end
+        block = tl.load(table_ptr + b * stride_tb + tok // BLOCK_SIZE, mask=t_mask, other=0)
+        slot = block.to(tl.int64) * BLOCK_SIZE + tok % BLOCK_SIZE
+        kv_off = slot[:, None] * stride_ks + hkv * stride_kh + d[None, :]
+        kv_mask = t_mask[:, None] & d_mask[None, :]
+        k = tl.load(k_ptr + kv_off, mask=kv_mask, other=0.0)  # (N, D)
+        v = tl.load(v_ptr + kv_off, mask=kv_mask, other=0.0)
+        if IS_FP8:
+            k = (k.to(tl.float32) * k_scale).to(q.dtype)
+            v = (v.to(tl.float32) * v_scale).to(q.dtype)
+        qk = tl.dot(q, tl.trans(k)) * scale  # (G, N) float32
+        qk = tl.where(t_mask[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(qk - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+
+    out_mask = g_mask[:, None] & d_mask[None, :]
+    if NUM_SPLITS == 1:
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(
+            out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
+            out.to(out_ptr.dtype.element_ty), mask=out_mask,
+        )  # fmt: skip
+    else:
+        # part (B, H, S, D) float32; ml (B, H, S, 2) = running max, running sum.
+        H = tl.num_programs(1) * GROUP
+        row = (b * H + heads) * NUM_SPLITS + split  # (G,)
+        tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=out_mask)
+        tl.store(ml_ptr + row * 2, m_i, mask=g_mask)
+        tl.store(ml_ptr + row * 2 + 1, l_i, mask=g_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    part_ptr, ml_ptr, out_ptr, stride_ob, stride_oh,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    H = tl.num_programs(1)
+    s = tl.arange(0, NUM_SPLITS)
+    d = tl.arange(0, BLOCK_D)
+    row = (b * H + h) * NUM_SPLITS + s  # (S,)
+    m = tl.load(ml_ptr + row * 2)
+    l_s = tl.load(ml_ptr + row * 2 + 1)
+    m_max = tl.max(m, axis=0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # empty sequence: all splits empty
+    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))  # (S,)
+    denom = tl.sum(w * l_s, axis=0)
+    part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=d[None, :] < HEAD_DIM)
+    out = tl.sum(part * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
+    tl.store(
+        out_ptr + b * stride_ob + h * stride_oh + d,
+        out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM,
+    )  # fmt: skip
+
+
+def num_splits_for(batch: int, num_kv_heads: int) -> int:
+    """Context splits so that batch × KV heads × splits covers about two waves of SMs."""
+    splits = max(1, TARGET_PROGRAMS // max(1, batch * num_kv_heads))
+    return min(MAX_SPLITS, triton.next_power_of_2(splits))
+
+
+def paged_decode_attention(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    block_tables: Tensor,
+    seq_lens: Tensor,
+    block_size: int,
+    scale: float,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
+    num_splits: int | None = None,
+) -> Tensor:
+    """Attention of one query token per sequence over its cached context (CUDA-graph safe).
+
+    q             (B, H, D)         compute dtype
+    k/v_cache     (S, Hkv, D)       compute dtype or fp8; slot = block · block_size + offset
+    block_tables  (B, max_blocks)   int32, block ids of each sequence
+    seq_lens      (B,)              int32, context length incl. the new token; 0 → output 0
+    block_size    tokens per KV block
+    returns       (B, H, D)         compute dtype
+    """
+    B, H, D = q.shape
+    S, Hkv, Dk = k_cache.shape
+    assert Dk == D and v_cache.shape == k_cache.shape, (q.shape, k_cache.shape, v_cache.shape)
+    assert H % Hkv == 0, f"{H} query heads are not a multiple of {Hkv} KV heads"
+    assert block_tables.dim() == 2 and block_tables.shape[0] == B, block_tables.shape
+    assert seq_lens.shape == (B,), seq_lens.shape
+    assert q.stride(-1) == 1 and k_cache.is_contiguous() and v_cache.is_contiguous()
+    assert k_cache.stride() == v_cache.stride()
+    assert S % block_size == 0, (S, block_size)
+    splits = num_splits or num_splits_for(B, Hkv)
+    group = H // Hkv
+    out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
+    part = ml = out  # unused when splits == 1
+    if splits > 1:
+        part = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
+        ml = torch.empty(B, H, splits, 2, dtype=torch.float32, device=q.device)
+    block_d = triton.next_power_of_2(D)
+    _paged_decode_attention_kernel[(B, Hkv, splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, part, ml,
+        scale, k_scale, v_scale,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
+        BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, NUM_SPLITS=splits,
+        IS_FP8=k_cache.dtype.itemsize == 1,
+        num_warps=4, num_stages=2,
+    )  # fmt: skip
+    if splits > 1:
+        _merge_splits_kernel[(B, H)](
+            part, ml, out, out.stride(0), out.stride(1),
+            HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits, num_warps=4,
+        )  # fmt: skip
+    return out

@@ -1,0 +1,63 @@
+"""Fused (residual add +) RMSNorm: one read of x (and residual), one write of each output.
+
+Matches lowbit.layers.norm.RMSNorm: variance in float32, normalized value cast to the input
+dtype before the weight multiply.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr, r_ptr, w_ptr, out_ptr, rout_ptr, N, eps,
+    stride_x, stride_r, stride_o, stride_ro,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < N
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        x = x + tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
+        tl.store(rout_ptr + row * stride_ro + cols, x, mask=mask)
+    xf = x.to(tl.float32)
+    var = tl.sum(xf * xf, axis=0) / N
+    y = (xf * tl.rsqrt(var + eps)).to(x.dtype)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * stride_o + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def rms_norm(
+    x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
+) -> Tensor | tuple[Tensor, Tensor]:
+    """RMSNorm of x (…, N); with `residual`, normalize x + residual and also return the sum.
+
+    x, residual  (…, N)   same dtype
+    weight       (N,)
+    returns      out (…, N)  [, new residual (…, N)]
+    """
+    N = x.shape[-1]
+    assert weight.shape == (N,), (weight.shape, x.shape)
+    x2 = x.reshape(-1, N)
+    assert x2.stride(-1) == 1, x.stride()
+    M = x2.shape[0]
+    out = torch.empty_like(x2)
+    r2 = rout = x2
+    if residual is not None:
+        assert residual.shape == x.shape and residual.dtype == x.dtype, residual.shape
+        r2 = residual.reshape(-1, N)
+        rout = torch.empty_like(x2)
+    block = triton.next_power_of_2(N)
+    _rms_norm_kernel[(M,)](
+        x2, r2, weight, out, rout, N, eps,
+        x2.stride(0), r2.stride(0), out.stride(0), rout.stride(0),
+        HAS_RESIDUAL=residual is not None, BLOCK=block,
+        num_warps=min(16, max(1, block // 512)),
+    )  # fmt: skip
+    out = out.reshape(x.shape)
+    return out if residual is None else (out, rout.reshape(x.shape))
