@@ -61,28 +61,56 @@ def bad_request(exc: Exception) -> APIError:
 
 
 def invalid(errors: list[dict]) -> APIError:
-    """A 400 from pydantic's validation errors: the first one, and how many more there are."""
-    message, param = _validation_message(errors[0]) if errors else ("invalid request", None)
-    if len(errors) > 1:
-        message += f" (and {len(errors) - 1} more problem{'s' * (len(errors) > 2)})"
+    """A 400 from pydantic's validation errors: the first field's problem, and how many more."""
+    if not errors:
+        return APIError(400, "invalid request")
+    fields: dict = {}
+    for err in errors:  # a union reports one error per member; group them by top-level field
+        fields.setdefault(_field_loc(err)[:1], []).append(err)
+    errs = next(iter(fields.values()))
+    # The member that got deepest into the value says the most (e.g. input_ids.1.0: must be ≥ 0).
+    best = max(errs, key=lambda e: len(_field_loc(e)))
+    loc = _field_loc(best)
+    message, param = _validation_message(best, loc)
+    if len(errs) > 1 and len(loc) <= 1:
+        kinds = [str(e["loc"][1]).replace("constrained-", "") for e in errs if len(e["loc"]) > 1 and _is_type_tag(e["loc"][1])]
+        message = f"{param}: {best.get('input')!r:.80} is not one of the accepted types"
+        message += f" ({', '.join(dict.fromkeys(kinds))})" if kinds else ""
+    if len(fields) > 1:
+        message += f" (and {len(fields) - 1} more problem{'s' * (len(fields) > 2)})"
     return APIError(400, message, param=param)
 
 
-def _validation_message(err: dict) -> tuple[str, str | None]:
+_SCALARS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _is_type_tag(part) -> bool:
+    """Whether a loc element names a union member (`list[int]`, `str`, `TextPart`), not a field."""
+    if not isinstance(part, str):
+        return False
+    return part in _SCALARS or "[" in part or "-" in part or part[:1].isupper()
+
+
+def _field_loc(err: dict) -> tuple:
+    """The loc of the field an error is about, without "body" and union member tags."""
+    loc = [p for p in err.get("loc", ()) if p != "body"]
+    while loc and _is_type_tag(loc[-1]):
+        loc.pop()
+    return tuple(p for p in loc if not _is_type_tag(p))
+
+
+def _validation_message(err: dict, loc: tuple) -> tuple[str, str | None]:
     """One pydantic error as (message, param)."""
-    loc = [str(p) for p in err.get("loc", ()) if p != "body"]
     if err.get("type") == "json_invalid":
         ctx = err.get("ctx", {}).get("error", "")
         return f"the request body is not valid JSON ({ctx}); send a JSON object", None
-    if err.get("type") == "missing" and not loc:
-        return "the request has no body; send a JSON object", None
-    param = ".".join(loc) or None
-    got = err.get("input")
-    got_text = "" if err.get("type") in ("missing", "extra_forbidden") else f", got {got!r:.80}"
+    param = ".".join(str(p) for p in loc) or None
+    if err.get("type") == "missing":
+        return f"{param} is required", param
     if err.get("type") == "extra_forbidden":
         return f"unrecognized request argument {param!r}; remove it", param
     where = f"{param}: " if param else ""
-    return f"{where}{err.get('msg', 'invalid value')}{got_text}", param
+    return f"{where}{err.get('msg', 'invalid value')}, got {err.get('input')!r:.80}", param
 
 
 def install_error_handlers(app: FastAPI) -> None:
