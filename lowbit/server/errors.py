@@ -73,7 +73,8 @@ def invalid(errors: list[dict]) -> APIError:
     loc = _field_loc(best)
     message, param = _validation_message(best, loc)
     if len(errs) > 1 and len(loc) <= 1:
-        kinds = [str(e["loc"][1]).replace("constrained-", "") for e in errs if len(e["loc"]) > 1 and _is_type_tag(e["loc"][1])]
+        tags = [e["loc"][1] for e in errs if len(e["loc"]) > 1 and _is_type_tag(e["loc"][1])]
+        kinds = [t.replace("constrained-", "") for t in tags]
         message = f"{param}: {best.get('input')!r:.80} is not one of the accepted types"
         message += f" ({', '.join(dict.fromkeys(kinds))})" if kinds else ""
     if len(fields) > 1:

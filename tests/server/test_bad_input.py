@@ -1,4 +1,4 @@
-"""Bad requests: each gets OpenAI's error JSON with the right 4xx, and the server goes on serving."""
+"""Bad requests: each gets OpenAI's error JSON and the right 4xx; the server goes on serving."""
 
 from __future__ import annotations
 

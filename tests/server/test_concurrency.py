@@ -41,7 +41,7 @@ def test_64_concurrent_streams(server):
 
     results = asyncio.run(all_of_them())
     for n, (text, reasons, usage) in zip(lengths, results):
-        assert usage.completion_tokens == n and reasons[-1] == "length"
+        assert usage.completion_tokens == n and reasons[-1] == "length" and text
         assert all(r is None for r in reasons[:-1])
     # Batched: far fewer engine steps than the 800 tokens generated one by one.
     assert server.loop.steps - steps_before < sum(lengths) // 4

@@ -97,8 +97,8 @@ def test_chat_stream(client):
     kw = dict(model=MODEL, messages=[{"role": "user", "content": "hi"}],
               max_completion_tokens=9, temperature=0, extra_body=EXACT)  # fmt: skip
     full = client.chat.completions.create(**kw).choices[0].message.content
-    chunks = list(client.chat.completions.create(**kw, stream=True,
-                                                 stream_options={"include_usage": True}))  # fmt: skip
+    opts = {"include_usage": True}
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options=opts))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full
     assert [c for c in chunks if c.choices][-1].choices[0].finish_reason == "length"
