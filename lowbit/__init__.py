@@ -6,9 +6,15 @@ from lowbit.engine.request import CompletionOutput, RequestOutput, SamplingParam
 __version__ = "0.1.0"
 
 
-def quantize(*args, **kwargs):
-    """Calibrated offline quantization (`lowbit quantize`); not available yet."""
-    raise NotImplementedError("lowbit.quantize is not available yet (offline quantization issue)")
+def quantize(model_path, export_dir, method, **kwargs):
+    """Calibrated offline quantization and export (`lowbit quantize`); returns the report.
+
+    Keyword arguments mirror the CLI flags: calib_data, num_samples, seq_len, group_size, ignore,
+    format, overwrite, act_order, checkpoint_save_path, checkpoint_restore_path, device, ...
+    """
+    from lowbit.tools.quantize.api import quantize as _quantize
+
+    return _quantize(model_path, export_dir, method, **kwargs)
 
 
 __all__ = [

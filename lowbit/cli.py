@@ -57,6 +57,20 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    """Perplexity, KL, top-1 and per-layer error of a model against a reference."""
+    from lowbit.tools.eval import eval_main
+
+    return eval_main(args)
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    """Calibrated offline quantization and export."""
+    from lowbit.tools.quantize.cli import quantize_main
+
+    return quantize_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `lowbit` command line."""
     parser = argparse.ArgumentParser(prog="lowbit", description=__doc__)
@@ -78,6 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     ins.add_argument("model_path", nargs="?", default=None)
     ins.add_argument("--quantization", default=None)
     ins.set_defaults(func=_inspect)
+    ev = sub.add_parser("eval", help="perplexity / KL / top-1 / per-layer error vs a reference")
+    ev.add_argument("--model", required=True, help="model to evaluate (dir or hub id)")
+    ev.add_argument("--reference", default=None, help="reference model (e.g. the original)")
+    ev.add_argument("--data", default=None, help="text or jsonl file (default: built-in text)")
+    ev.add_argument("--max-tokens", type=int, default=2048)
+    ev.add_argument("--seq-len", type=int, default=512, help="window length")
+    ev.add_argument("--dtype", default="auto")
+    ev.add_argument("--device", default=None)
+    ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ev.set_defaults(func=_eval)
+    from lowbit.tools.quantize.cli import add_quantize_parser
+
+    add_quantize_parser(sub, _quantize)
     return parser
 
 

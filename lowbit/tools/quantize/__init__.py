@@ -1,0 +1,1 @@
+"""Calibrated offline quantization: `lowbit quantize` / `lowbit.quantize(...)`."""

@@ -1,0 +1,49 @@
+"""GPTQ layout (formats.md §2): codes packed along K, zeros along N; v1 zeros (−1) if sym."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from lowbit.tools.quantize.methods import Method
+from lowbit.tools.quantize.writers import pack_last
+
+
+def _checkpoint_format(method: Method) -> str:
+    """v1 ('gptq', zeros −1) for symmetric; v2 for asymmetric, where v1 would overflow at z = 0."""
+    return "gptq" if method.sym else "gptq_v2"
+
+
+def quantization_config(method: Method, opts, ignored: list[str]) -> dict:
+    """config.json["quantization_config"] as GPTQModel writes it."""
+    fmt = _checkpoint_format(method)
+    return {
+        "quant_method": "gptq", "bits": method.bits, "group_size": opts.group_size,
+        "desc_act": bool(opts.act_order), "sym": method.sym, "damp_percent": 0.01,
+        "true_sequential": False, "static_groups": False, "checkpoint_format": fmt,
+        "format": fmt, "pack_dtype": "int32", "lm_head": False,
+        "dynamic": {f"-:{name.replace('.', '[.]')}$": {} for name in ignored} or None,
+        "meta": {"quantizer": ["lowbit:0.1.0"], "damp_percent": 0.01},
+    }  # fmt: skip
+
+
+def extra_files(method: Method, opts, ignored: list[str]) -> dict:
+    """No side files."""
+    return {}
+
+
+def linear_tensors(r: dict, method: Method, opts, dtype: torch.dtype) -> dict[str, Tensor]:
+    """qweight (K·b/32, N), qzeros (K/G, N·b/32), scales (K/G, N) fp16, g_idx (K,)."""
+    codes = r["codes"]  # (N, K)
+    N, K = codes.shape
+    ng = r["scale"].shape[1]
+    zero = r["zero"].long() - (1 if _checkpoint_format(method) == "gptq" else 0)
+    g_idx = r.get("g_idx")
+    if g_idx is None:
+        g_idx = torch.arange(K) // (K // ng)
+    return {
+        "qweight": pack_last(codes, method.bits).T.contiguous(),  # (N, K/pf) → (K/pf, N)
+        "qzeros": pack_last(zero.T.contiguous(), method.bits),
+        "scales": r["scale"].T.contiguous().to(torch.float16),
+        "g_idx": g_idx.to(torch.int32),
+    }
