@@ -29,7 +29,10 @@ def triton_available() -> bool:
 
 
 def use_triton(device: torch.device) -> bool:
-    """Triton kernels run on CUDA devices when Triton is installed."""
+    """Triton kernels run on CUDA devices when Triton is installed (anywhere under its
+    interpreter, `TRITON_INTERPRET=1`, which is how the kernels are debugged without a GPU)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return triton_available()
     return device.type == "cuda" and triton_available()
 
 
