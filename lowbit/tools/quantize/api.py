@@ -44,10 +44,10 @@ class QuantizeOptions:
 def _resolve(method: Method, fmt, group_size, act_order, ignore, **kw) -> QuantizeOptions:
     """Check flag combinations that need no model; fill defaults."""
     fmt = fmt or method.default_format
+    get_writer(fmt)  # unknown formats are named as such
     if fmt not in method.formats:
         raise ValueError(f"--format {fmt} does not fit --method {method.name}; "
                          f"it writes {', '.join(method.formats)}")  # fmt: skip
-    get_writer(fmt)
     if group_size is None:
         group_size = method.group_size
     elif method.weight != "int" and group_size != method.group_size:
