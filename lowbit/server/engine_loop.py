@@ -56,14 +56,21 @@ class Subscription:
         return rid
 
     async def __aiter__(self) -> AsyncIterator[StreamDelta]:
-        """Each delta as it comes; raises the APIError of a failed request."""
+        """Each delta as it comes; raises the APIError of a failed request.
+
+        Deltas that queued up while the consumer was busy are merged per sample, so a slow
+        client costs one chunk per wake-up instead of one per token.
+        """
         while self.remaining:
-            item = await self.queue.get()
-            if isinstance(item, BaseException):
-                self.remaining = 0
-                raise item
-            self.remaining -= item.finished
-            yield item
+            items = [await self.queue.get()]
+            while not self.queue.empty():
+                items.append(self.queue.get_nowait())
+            for item in _coalesce(items):
+                if isinstance(item, BaseException):
+                    self.remaining = 0
+                    raise item
+                self.remaining -= item.finished
+                yield item
         self.done = True
 
     def abort(self) -> None:
@@ -165,6 +172,7 @@ class EngineLoop:
 
     def _step(self) -> None:
         """One engine step; a failure fails the requests of that batch (500), not the loop."""
+        t0 = time.perf_counter()
         try:
             deltas = self.engine.step()
         except Exception as e:
@@ -173,6 +181,9 @@ class EngineLoop:
             return
         self.steps += 1
         now = time.perf_counter()
+        if self.metrics:
+            self.metrics.steps.inc()
+            self.metrics.step_seconds.inc(now - t0)
         out: dict = defaultdict(list)
         for d in deltas:
             sink = self._sinks.get(d.request_id)
@@ -229,6 +240,28 @@ class EngineLoop:
                 loop.call_soon_threadsafe(_put_all, items)
             except RuntimeError:  # that event loop has closed; nobody is listening
                 pass
+
+
+def _coalesce(items: list) -> list:
+    """Merge the deltas of each sample into one (errors stay as they are, in order)."""
+    merged: dict[tuple[str, int], StreamDelta] = {}
+    out: list = []
+    for item in items:
+        if isinstance(item, BaseException):
+            out.append(item)
+            continue
+        key = (item.request_id, item.index)
+        prev = merged.get(key)
+        if prev is None:
+            merged[key] = item
+            out.append(key)
+            continue
+        lps = (prev.logprobs or []) + (item.logprobs or [])
+        merged[key] = StreamDelta(
+            item.request_id, item.index, prev.text + item.text, prev.token_ids + item.token_ids,
+            item.finish_reason, lps or None, item.prompt_tokens, item.completion_tokens,
+        )  # fmt: skip
+    return [merged[x] if isinstance(x, tuple) else x for x in out]
 
 
 def _put_all(items: list) -> None:

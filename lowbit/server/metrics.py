@@ -40,6 +40,10 @@ class Metrics:
         self.kv_usage = mk(Gauge, "kv_cache_usage", "Fraction of KV blocks in use").labels(**labels)
         self.kv_used = mk(Gauge, "kv_blocks_used", "KV blocks in use").labels(**labels)
         self.kv_total = mk(Gauge, "kv_blocks_total", "KV blocks in the cache").labels(**labels)
+        self.steps = mk(Counter, "engine_steps", "Engine steps (forward passes)").labels(**labels)
+        self.step_seconds = mk(
+            Counter, "engine_step_seconds", "Time spent in engine.step()"
+        ).labels(**labels)
         self.preemptions = mk(Gauge, "preemptions", "Preemptions so far").labels(**labels)
         self.ttft = mk(Histogram, "time_to_first_token_seconds", "Time to first token",
                        buckets=_TTFT_BUCKETS).labels(**labels)  # fmt: skip
