@@ -86,11 +86,13 @@ def wna16_gemm(
 # ---- FP8 W8A8 ----
 
 
-def act_quant(x: Tensor, dtype: torch.dtype, group_size: int | None = None):
+def act_quant(
+    x: Tensor, dtype: torch.dtype, group_size: int | None = None, qmax: float | None = None
+):
     """Dynamic symmetric per-token (or per token-group) quantization → (codes, float32 scales)."""
     if use_triton(x.device):
-        return _triton("act_quant", "act_quant")(x, dtype, group_size)
-    return _reference("act_quant")(x, dtype, group_size)
+        return _triton("act_quant", "act_quant")(x, dtype, group_size, qmax)
+    return _reference("act_quant")(x, dtype, group_size, qmax)
 
 
 def fp8_scaled_mm(
@@ -157,11 +159,12 @@ def int8_gemm(
     weight_scale: Tensor,
     input_scale: Tensor | None = None,
     bias: Tensor | None = None,
+    qmax: float | None = None,
 ) -> Tensor:
     """INT8 W8A8: per-channel int8 weight, per-token dynamic (or static) int8 activations."""
     if use_triton(x.device):
-        return _triton("int8_gemm", "int8_gemm")(x, weight, weight_scale, input_scale, bias)
-    return _reference("int8_gemm")(x, weight, weight_scale, input_scale, bias)
+        return _triton("int8_gemm", "int8_gemm")(x, weight, weight_scale, input_scale, bias, qmax)
+    return _reference("int8_gemm")(x, weight, weight_scale, input_scale, bias, qmax)
 
 
 # ---- fused elementwise (decode-path launch count) ----

@@ -29,19 +29,21 @@ def _act_quant_kernel(
     amax = tl.maximum(tl.max(tl.abs(x), axis=0), EPS)
     scale = amax / QMAX
     y = x / scale
-    if IS_INT:
-        y = tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5))  # round half away from zero
-    y = tl.clamp(y, -QMAX, QMAX)
+    if IS_INT:  # round half away from zero, saturate to the int8 range
+        y = tl.clamp(tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5)), -128.0, 127.0)
+    else:
+        y = tl.clamp(y, -QMAX, QMAX)
     tl.store(q_ptr + m * stride_qm + k, y.to(q_ptr.dtype.element_ty), mask=mask)
     tl.store(s_ptr + m * stride_sm + g, scale)
 
 
 def act_quant(
-    x: Tensor, dtype: torch.dtype, group_size: int | None = None
+    x: Tensor, dtype: torch.dtype, group_size: int | None = None, qmax: float | None = None
 ) -> tuple[Tensor, Tensor]:
     """Quantize rows of x to `dtype` with one float32 scale per (row, group).
 
     x        (M, K)          bf16 / fp16 / fp32, unit last stride
+    qmax     divisor of the absmax (default 448 fp8, 127 int8; compressed-tensors int8: 127.5)
     returns  q (M, K) dtype, scales (M, K // group) float32 (group None → K, scales (M, 1))
     """
     assert x.dim() == 2 and x.stride(-1) == 1, (x.shape, x.stride())
@@ -56,7 +58,8 @@ def act_quant(
     block = triton.next_power_of_2(group)
     _act_quant_kernel[(M, K // group)](
         x, q, s, K, x.stride(0), q.stride(0), s.stride(0),
-        GROUP=group, BLOCK=block, QMAX=QMAX[dtype], IS_INT=dtype == torch.int8, EPS=EPS,
+        GROUP=group, BLOCK=block, QMAX=float(qmax or QMAX[dtype]), IS_INT=dtype == torch.int8,
+        EPS=EPS,
         num_warps=min(16, max(1, block // 256)),
     )  # fmt: skip
     return q, s

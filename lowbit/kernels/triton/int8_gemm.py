@@ -65,6 +65,7 @@ def int8_gemm(
     weight_scale: Tensor,
     input_scale: Tensor | None = None,
     bias: Tensor | None = None,
+    qmax: float | None = None,
 ) -> Tensor:
     """x @ dequant(W)^T (+ bias) with x quantized to int8 per token (or by a static scale).
 
@@ -72,6 +73,7 @@ def int8_gemm(
     weight        (N, K)     int8, per output channel scale
     weight_scale  (N,)       float32 (shape (N, 1) accepted)
     input_scale   ()/(1,)    float32 static per-tensor scale, or None for dynamic per token
+    qmax          dynamic scale divisor (default 127; compressed-tensors uses 127.5)
     returns       (..., N)   x.dtype
     """
     N, K = weight.shape
@@ -83,10 +85,10 @@ def int8_gemm(
     x2 = x.reshape(-1, K).contiguous()
     M = x2.shape[0]
     if input_scale is None:
-        xq, xs = act_quant(x2, torch.int8)  # (M, K), (M, 1)
+        xq, xs = act_quant(x2, torch.int8, None, qmax)  # (M, K), (M, 1)
     else:
         s = input_scale.reshape(()).float()
-        xq = (x2.float() / s).round().clamp(-127, 127).to(torch.int8)
+        xq = (x2.float() / s).round().clamp(-128, 127).to(torch.int8)
         xs = s.expand(M, 1)
     out = torch.empty(M, N, dtype=x.dtype, device=x.device)
     bm, bn, bk, warps, stages = _config(M)

@@ -1,0 +1,195 @@
+"""Decode tok/s of a Llama-3-8B-shaped model (dummy weights) per scheme and batch size.
+
+    python benchmarks/bench_decode.py [--batches 1,16,64,256] [--variants ...] [--out DIR]
+
+Each lowbit variant builds a ModelRunner (CUDA graphs unless the variant says eager), prefills
+B prompts of --prompt tokens, then times --steps greedy decode steps (forward + argmax + the
+next step's metadata), reporting B × steps / seconds. Baseline in the same run: HF transformers
+eager (same config, random bf16 weights, sdpa, DynamicCache). torchao int4wo-128 + compile is
+skipped when torchao is not installed (it is not on the lent machine).
+
+Variant names: `<scheme>[+fused][+eager]`; scheme `bf16` is lowbit's own unquantized path, the
+others are bench stand-ins over kernels.dispatch (see benchlib.py); `+fused` routes RMSNorm,
+rotary and SwiGLU through the fused Triton kernels (pending wiring in layers/ and models/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from benchlib import (
+    environment,
+    fast_dummy_weights,
+    fused_layers,
+    print_table,
+    save,
+    stand_in_plan,
+    write_model_dir,
+)
+
+from lowbit.config import EngineArgs, ModelConfig
+from lowbit.quant.spec import QuantPlan
+
+DEFAULT_VARIANTS = "bf16+eager,bf16,bf16+fused,fp8+fused,w4a16+fused,w8a8-int8+fused"
+
+
+def _free() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def _time_steps(runner, tok, lens: list[int], tables: list[list[int]], steps: int) -> float:
+    """Seconds for `steps` greedy decode steps of len(lens) sequences, after 3 warm-up steps."""
+    B = len(lens)
+    for i in range(3 + steps):
+        if i == 3:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        lens = [L + 1 for L in lens]
+        tok = runner.forward(tok, lens, [1] * B, tables, logits_at=list(range(B))).argmax(-1)
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def lowbit_decode(model_dir: Path, variant: str, batches: list[int], prompt: int, steps: int):
+    """tok/s per batch size for one lowbit variant."""
+    from lowbit.engine.runner import ModelRunner
+
+    scheme, *flags = variant.split("+")
+    cfg = ModelConfig.from_dir(model_dir)
+    plan = QuantPlan() if scheme == "bf16" else stand_in_plan(scheme)
+    max_b = max(batches)
+    ctx = prompt + steps + 8
+    blocks_per_seq = -(-ctx // 16)
+    args = EngineArgs(
+        model_path=str(model_dir), load_format="dummy", dtype="bfloat16", device="cuda",
+        max_running_requests=max_b, max_total_tokens=max_b * blocks_per_seq * 16,
+        disable_cuda_graph="eager" in flags,
+    )  # fmt: skip
+    out = []
+    with fast_dummy_weights(), fused_layers("fused" in flags):
+        t0 = time.perf_counter()
+        runner = ModelRunner(args, cfg, plan, model_dir)
+        setup_s = time.perf_counter() - t0
+        for B in batches:
+            tables = [list(range(b * blocks_per_seq, (b + 1) * blocks_per_seq)) for b in range(B)]
+            ids = torch.randint(3, cfg.vocab_size, (B, prompt), device="cuda")
+            chunk = max(1, 8192 // prompt)  # prefill at most ~8k tokens a forward
+            nxt = []
+            for s in range(0, B, chunk):
+                n = min(chunk, B - s)
+                logits = runner.forward(
+                    ids[s : s + n].reshape(-1), [prompt] * n, [prompt] * n, tables[s : s + n],
+                    logits_at=[(i + 1) * prompt - 1 for i in range(n)],
+                )  # fmt: skip
+                nxt.append(logits.argmax(-1))
+            tok = torch.cat(nxt)
+            dt = _time_steps(runner, tok, [prompt] * B, tables, steps)
+            out.append({
+                "engine": "lowbit", "variant": variant, "batch": B, "tok_s": B * steps / dt,
+                "ms_per_step": 1e3 * dt / steps, "setup_s": setup_s,
+                "graphs": bool(runner.graphs),
+            })  # fmt: skip
+            print(out[-1], flush=True)
+    del runner
+    _free()
+    return out
+
+
+def hf_decode(batches: list[int], prompt: int, steps: int):
+    """HF transformers eager baseline: same shape, random bf16 weights, DynamicCache."""
+    import transformers
+    from benchlib import LLAMA3_8B
+
+    kw = {k: v for k, v in LLAMA3_8B.items() if k not in ("architectures", "model_type", "dtype")}
+    cfg = transformers.LlamaConfig(**kw)
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            model = transformers.LlamaForCausalLM(cfg).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    out = []
+    with torch.inference_mode():
+        for B in batches:
+            ids = torch.randint(3, cfg.vocab_size, (B, prompt), device="cuda")
+            cache = transformers.DynamicCache()
+            res = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            tok = res.logits[:, -1].argmax(-1, keepdim=True)
+            n = max(4, steps // 8)
+            for _ in range(2):
+                tok = (
+                    model(tok, past_key_values=cache, use_cache=True)
+                    .logits[:, -1]
+                    .argmax(-1, keepdim=True)
+                )
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(n):
+                tok = (
+                    model(tok, past_key_values=cache, use_cache=True)
+                    .logits[:, -1]
+                    .argmax(-1, keepdim=True)
+                )
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            out.append({"engine": "hf-eager", "variant": "bf16", "batch": B,
+                        "tok_s": B * n / dt, "ms_per_step": 1e3 * dt / n})  # fmt: skip
+            print(out[-1], flush=True)
+            del cache, res
+            _free()
+    del model
+    _free()
+    return out
+
+
+def main() -> None:
+    """Run the variants and the baselines; print a table and write JSON."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--batches", default="1,16,64,256")
+    ap.add_argument("--variants", default=DEFAULT_VARIANTS)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=64)
+    ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--out", type=Path, default=None, help="also copy the JSON here")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    rows, env = [], environment()
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = write_model_dir(Path(tmp) / "llama3-8b-shape")
+        for variant in args.variants.split(","):
+            bs = [1] if "eager" in variant else batches
+            try:
+                rows += lowbit_decode(model_dir, variant, bs, args.prompt, args.steps)
+            except Exception as e:  # report and go on: one broken scheme must not hide the rest
+                print(f"ERROR {variant}: {type(e).__name__}: {e}", flush=True)
+                rows.append({"engine": "lowbit", "variant": variant, "error": str(e)[:300]})
+                _free()
+            save("decode", {"env": env, "rows": rows}, args.out)  # partial results survive
+        if not args.skip_hf:
+            rows += hf_decode(batches, args.prompt, args.steps)
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        rows.append({"engine": "torchao", "variant": "int4wo-128+compile",
+                     "error": "torchao is not installed here; baseline skipped"})  # fmt: skip
+    hf = {r["batch"]: r["tok_s"] for r in rows if r.get("engine") == "hf-eager"}
+    for r in rows:
+        if "tok_s" in r and r.get("batch") in hf:
+            r["x_hf_eager"] = r["tok_s"] / hf[r["batch"]]
+    print_table(
+        [r for r in rows if "tok_s" in r],
+        ["engine", "variant", "batch", "tok_s", "ms_per_step", "x_hf_eager"],
+    )
+    path = save("decode", {"env": env, "prompt": args.prompt, "steps": args.steps,
+                           "rows": rows}, args.out)  # fmt: skip
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

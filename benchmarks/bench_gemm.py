@@ -1,0 +1,140 @@
+"""Each GEMM scheme vs bf16 cuBLAS on the Llama-3-8B linear shapes.
+
+    python benchmarks/bench_gemm.py [--ms 1,16,64,256,1024,4096] [--out DIR]
+
+Per (shape, M, scheme): median time (CUDA events via triton.testing.do_bench, weights rotated
+through copies larger than L2 so nothing is served from cache), TFLOP/s, GB/s of the minimum
+bytes (weights + scales + activations in + out), % of the roofline (the larger of the compute
+and memory floors at the measured ceilings), and speedup over bf16. Dynamic activation
+quantization is inside the timed region for every W8A8 scheme (fp8-tensor: static scale).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from benchlib import PEAK_8BIT, PEAK_BF16, PEAK_BW, environment, print_table, save
+from triton.testing import do_bench
+
+from lowbit.kernels import dispatch
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+ROTATE_BYTES = 256 << 20  # > 5× the H100's 50 MB L2
+
+
+def _weights(scheme: str, N: int, K: int) -> tuple[dict, int]:
+    """One set of random weights in the scheme's layout, and its bytes."""
+    d = "cuda"
+    if scheme == "bf16":
+        w = {"w": torch.randn(N, K, device=d, dtype=torch.bfloat16) * 0.02}
+    elif scheme in ("w4a16", "w8a16"):
+        bits = 4 if scheme == "w4a16" else 8
+        P = 32 // bits
+        w = {
+            "qweight": torch.randint(-(2**31), 2**31 - 1, (K, N // P), device=d, dtype=torch.int32),
+            "scales": torch.rand(K // 128, N, device=d, dtype=torch.bfloat16) * 1e-3,
+            "qzeros": torch.randint(-(2**31), 2**31 - 1, (K // 128, N // P), device=d,
+                                    dtype=torch.int32),
+        }  # fmt: skip
+    elif scheme in ("fp8-row", "fp8-tensor"):
+        per_row = scheme == "fp8-row"
+        w = {
+            "w": torch.randn(N, K, device=d).clamp(-8, 8).to(torch.float8_e4m3fn),
+            "s": torch.rand(N if per_row else 1, device=d) * 1e-3,
+        }
+    elif scheme == "fp8-block":
+        w = {
+            "w": torch.randn(N, K, device=d).clamp(-8, 8).to(torch.float8_e4m3fn),
+            "s": torch.rand(N // 128, K // 128, device=d) * 1e-3,
+        }
+    elif scheme == "int8":
+        w = {
+            "w": torch.randint(-127, 128, (N, K), device=d, dtype=torch.int8),
+            "s": torch.rand(N, device=d) * 1e-3,
+        }
+    else:
+        raise KeyError(scheme)
+    return w, sum(t.numel() * t.element_size() for t in w.values())
+
+
+def _call(scheme: str, x, w):
+    """Run one GEMM."""
+    if scheme == "bf16":
+        return F.linear(x, w["w"])
+    if scheme in ("w4a16", "w8a16"):
+        bits = 4 if scheme == "w4a16" else 8
+        return dispatch.wna16_gemm(x, w["qweight"], w["scales"], w["qzeros"], 128, bits)
+    if scheme == "fp8-row":  # per-channel weight, dynamic per-token activations
+        return dispatch.fp8_scaled_mm(x, w["w"], w["s"])
+    if scheme == "fp8-tensor":  # per-tensor weight, static per-tensor activation scale
+        return dispatch.fp8_scaled_mm(x, w["w"], w["s"], w["s"])
+    if scheme == "fp8-block":
+        return dispatch.fp8_block_gemm(x, w["w"], w["s"])
+    return dispatch.int8_gemm(x, w["w"], w["s"])
+
+
+def bench(scheme: str, name: str, N: int, K: int, M: int) -> dict:
+    """Median time of one (scheme, shape, M) and its derived rates."""
+    one, wbytes = _weights(scheme, N, K)
+    copies = [one] + [_weights(scheme, N, K)[0] for _ in range(max(0, ROTATE_BYTES // wbytes))]
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    state = {"i": 0}
+
+    def fn():
+        state["i"] = (state["i"] + 1) % len(copies)
+        return _call(scheme, x, copies[state["i"]])
+
+    y = fn()
+    assert y.shape == (M, N) and not torch.isnan(y).any(), (scheme, name, M)
+    ms = do_bench(fn, warmup=10, rep=40, return_mode="median")
+    flops = 2 * M * N * K
+    nbytes = wbytes + 2 * M * (K + N)
+    peak = PEAK_BF16 if scheme in ("bf16", "w4a16", "w8a16") else PEAK_8BIT
+    floor_s = max(flops / peak, nbytes / PEAK_BW)
+    return {
+        "shape": name, "N": N, "K": K, "M": M, "scheme": scheme, "us": ms * 1e3,
+        "tflops": flops / ms / 1e9, "gbps": nbytes / ms / 1e6,
+        "roofline_pct": 100 * floor_s / (ms * 1e-3),
+    }  # fmt: skip
+
+
+def main() -> None:
+    """Run every scheme on every shape and M; print the table and write JSON."""
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ms", default="1,16,64,256,1024,4096")
+    ap.add_argument("--schemes", default="bf16,w4a16,w8a16,fp8-row,fp8-tensor,fp8-block,int8")
+    ap.add_argument("--out", type=Path, default=None, help="also copy the JSON here")
+    args = ap.parse_args()
+    ms = [int(m) for m in args.ms.split(",")]
+    schemes = args.schemes.split(",")
+    rows, env = [], environment()
+    for name, (N, K) in SHAPES.items():
+        for M in ms:
+            base = None
+            for scheme in schemes:
+                try:
+                    r = bench(scheme, name, N, K, M)
+                except Exception as e:  # one broken scheme must not hide the others' numbers
+                    r = {"shape": name, "N": N, "K": K, "M": M, "scheme": scheme,
+                         "error": f"{type(e).__name__}: {e}"[:300]}  # fmt: skip
+                    print("ERROR", r, flush=True)
+                    rows.append(r)
+                    continue
+                base = r["us"] if scheme == "bf16" else base
+                r["speedup_vs_bf16"] = base / r["us"] if base else None
+                rows.append(r)
+                torch.cuda.empty_cache()
+        save("gemm", {"env": env, "rows": rows}, args.out)  # partial results survive a timeout
+    print_table(
+        [r for r in rows if "error" not in r],
+        ["shape", "M", "scheme", "us", "tflops", "gbps", "roofline_pct", "speedup_vs_bf16"],
+    )
+    path = save("gemm", {"env": env, "rows": rows}, args.out)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
