@@ -99,7 +99,7 @@ def test_method_exports_and_reads_back(tiny_src, tmp_path, method, fmt):
 
     try:
         engine = lowbit.Engine(model_path=str(out), dtype="float32", device="cpu")
-    except ValueError as e:  # the format parser has not landed yet
+    except (ValueError, ImportError, NotImplementedError) as e:  # parser not landed yet
         pytest.skip(f"lowbit cannot load {method}/{fmt or 'ct'} exports yet: {e}")
     try:
         tol = 1e-3 if m.act is None else 5e-2  # runtime activation quant may round differently

@@ -25,7 +25,7 @@ def _engine_pair(src_dir: Path, export_dir: Path, device):
     try:
         quant = Engine(model_path=str(export_dir), device=device, dtype="float32",
                        show_progress=False)  # fmt: skip
-    except (ValueError, KeyError, NotImplementedError, TypeError) as e:
+    except (ValueError, KeyError, NotImplementedError, TypeError, ImportError) as e:
         logger.info("lowbit cannot load the export yet (%s); evaluating its readback", e)
         return None, str(e)
     return (quant, Engine(model_path=str(src_dir), device=device, dtype="float32",

@@ -190,7 +190,8 @@ def fake_quant_activation(x: Tensor, act: str, scale: Tensor | None = None) -> T
         s = (xg.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(1e-12)
         return (fp8_cast(xg / s).float() * s).reshape(xf.shape).to(x.dtype)
     if act == "int8-token":
-        s = (xf.abs().amax(-1, keepdim=True) / 127.0).clamp_min(1e-12)
+        # compressed-tensors symmetric int8: s = amax / 127.5, codes in [-128, 127]
+        s = (xf.abs().amax(-1, keepdim=True) / 127.5).clamp_min(1e-12)
         return ((xf / s).round().clamp(-128, 127) * s).to(x.dtype)
     if act == "nvfp4":
         flat = xf.reshape(-1, xf.shape[-1])

@@ -1,0 +1,36 @@
+"""compressed-tensors exports load in transformers by its own code (needs `compressed-tensors`).
+
+Skipped where the package is missing (it is not a lowbit dependency); run it in an environment
+that has it, e.g. `PYTHONPATH=. $QVENV/bin/python -m pytest tests/tools/test_ct_transformers.py`.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import FAST
+
+import lowbit
+from lowbit.tools.quantize.simulate import from_export
+
+pytest.importorskip("compressed_tensors", reason="compressed-tensors is not installed")
+
+IDS = torch.tensor([[5, 17, 99, 3, 250, 41, 7, 120, 64, 33, 200, 11, 90, 150, 2, 77]])
+METHODS = ["w4a16-rtn", "w4a16-gptq", "w4a16-awq", "w8a16", "fp8-dynamic", "fp8-static",
+           "fp8-block", "w8a8-int8", "nvfp4", "nvfp4a16"]  # fmt: skip
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_transformers_loads_compressed_tensors_export(tiny_src, tmp_path, method):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "out"
+    lowbit.quantize(str(tiny_src), str(out), method, **FAST)
+    # compressed-tensors' NVFP4 path computes in bf16 whatever the checkpoint dtype.
+    dtype = torch.bfloat16 if method.startswith("nvfp4") else torch.float32
+    hf = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
+    with torch.no_grad():
+        got = hf(IDS).logits[0].float()
+        expected = from_export(tiny_src, out)(IDS).logits[0]
+    tol = 0.15 if dtype == torch.bfloat16 else 1e-4
+    torch.testing.assert_close(got, expected, rtol=tol, atol=tol)
