@@ -162,6 +162,13 @@ def main() -> None:
     rows, env = [], environment()
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model_dir(Path(tmp) / "llama3-8b-shape")
+        if not args.skip_hf:  # the baseline first, so a timeout cannot lose it
+            try:
+                rows += hf_decode(batches, args.prompt, args.steps)
+            except Exception as e:
+                print(f"ERROR hf-eager: {type(e).__name__}: {e}", flush=True)
+                rows.append({"engine": "hf-eager", "variant": "bf16", "error": str(e)[:300]})
+                _free()
         for variant in args.variants.split(","):
             bs = [1] if "eager" in variant else batches
             try:
@@ -171,8 +178,6 @@ def main() -> None:
                 rows.append({"engine": "lowbit", "variant": variant, "error": str(e)[:300]})
                 _free()
             save("decode", {"env": env, "rows": rows}, args.out)  # partial results survive
-        if not args.skip_hf:
-            rows += hf_decode(batches, args.prompt, args.steps)
     try:
         import torchao  # noqa: F401
     except ImportError:
