@@ -35,6 +35,11 @@ class QuantScheme(Protocol):
 # Scheme name → "module:Class", imported lazily so a missing optional backend costs nothing.
 _SCHEMES: dict[str, str] = {
     "unquantized": "lowbit.quant.schemes.unquantized:UnquantizedScheme",
+    "wna16": "lowbit.quant.schemes.wna16:WNA16Scheme",
+    "w8a8_fp8": "lowbit.quant.schemes.w8a8_fp8:FP8Scheme",
+    "w8a8_int8": "lowbit.quant.schemes.w8a8_int8:Int8Scheme",
+    "fp4": "lowbit.quant.schemes.fp4:FP4Scheme",
+    "bnb": "lowbit.quant.schemes.bnb:BnbScheme",
 }
 
 
