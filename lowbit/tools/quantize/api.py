@@ -34,7 +34,7 @@ class QuantizeOptions:
     method: str
     format: str
     group_size: int
-    act_order: bool = False
+    act_order: str | None = None  # None | "static" | "group" (see gptq.py)
     ignore: list[str] = field(default_factory=list)
     num_samples: int = 128
     seq_len: int = 512
@@ -54,9 +54,16 @@ def _resolve(method: Method, fmt, group_size, act_order, ignore, **kw) -> Quanti
         raise ValueError(f"--group-size is fixed at {method.group_size} for {method.name}")
     elif group_size == 0 or group_size < -1:
         raise ValueError(f"--group-size must be positive or -1 (per channel), got {group_size}")
-    if act_order and method.algorithm != "gptq":
+    if act_order is True:
+        act_order = "group"
+    if act_order not in (None, False, "none", "static", "group"):
+        raise ValueError(f"--act-order must be none, static or group, got {act_order!r}")
+    if act_order not in (None, False, "none") and method.algorithm != "gptq":
         raise ValueError("--act-order applies to --method w4a16-gptq only")
-    if act_order and fmt == "awq":
+    if act_order is None and method.algorithm == "gptq":
+        act_order = "static"  # as llm-compressor: better accuracy, nothing extra stored
+    act_order = None if act_order in (False, "none") else act_order
+    if act_order == "group" and fmt == "awq":
         raise ValueError("--act-order cannot be written in AWQ format (no g_idx); use --format "
                          "compressed-tensors or gptq")  # fmt: skip
     return QuantizeOptions(method.name, fmt, group_size, act_order, list(ignore), **kw)
@@ -103,7 +110,7 @@ def quantize(
     ignore: list[str] | tuple[str, ...] = (),
     format: str | None = None,  # noqa: A002 - the CLI's flag name
     overwrite: bool = False,
-    act_order: bool = False,
+    act_order: bool | str | None = None,
     checkpoint_save_path: str | None = None,
     checkpoint_restore_path: str | None = None,
     device: str | None = None,

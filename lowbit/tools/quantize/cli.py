@@ -42,7 +42,10 @@ def add_quantize_parser(sub, func) -> None:
         choices=FORMATS,
         help="output layout (default: compressed-tensors; modelopt_* → modelopt)",
     )
-    q.add_argument("--act-order", action="store_true", help="GPTQ activation order (g_idx)")
+    q.add_argument("--act-order", nargs="?", const="group", default=None,
+                   choices=["none", "static", "group"],
+                   help="GPTQ column order: static (default: act-order with fixed groups), "
+                        "group (bare flag: groups in act-order, writes g_idx) or none")  # fmt: skip
     q.add_argument("--overwrite", action="store_true", help="replace an existing export dir")
     q.add_argument("--checkpoint-save-path", default=None, help="save the calibration state")
     q.add_argument(

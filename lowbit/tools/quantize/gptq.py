@@ -1,8 +1,14 @@
 """GPTQ (Frantar et al.): column-by-column quantization with second-order error compensation.
 
 Follows AutoGPTQ's `fasterquant` (formats.md §2.5): H = 2/n Σ x xᵀ, dead columns zeroed, optional
-act-order, damping, upper Cholesky factor of H⁻¹, blocks of 128 columns with lazy updates; group
-scales are computed from the error-updated columns when a group starts.
+act-order, damping, upper Cholesky factor of H⁻¹, blocks of 128 columns with lazy updates.
+
+act_order:
+- None: natural column order; a group's scale comes from its error-updated columns when it starts.
+- "static": columns in descending diag(H) order, group scales fixed up front from the original
+  weights (AutoGPTQ `static_groups`, llm-compressor's default `actorder: static`); g_idx stays
+  k // G, so nothing extra is stored and every layout can hold it.
+- "group": act-order with groups formed in permuted order; writes a non-trivial g_idx.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ def gptq_quantize(
     group_size: int,
     sym: bool,
     scale_dtype: torch.dtype,
-    act_order: bool = False,
+    act_order: str | None = None,
     damp: float = 0.01,
     block: int = 128,
 ) -> dict:
@@ -49,16 +55,22 @@ def gptq_quantize(
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    if act_order not in (None, "static", "group"):
+        raise ValueError(f"act_order must be None, 'static' or 'group', got {act_order!r}")
+    scale = torch.zeros(N, K // G, device=W.device)
+    zero = torch.zeros(N, K // G, device=W.device)
+    if act_order == "static":  # groups of original columns, params from the original weights
+        scale, zero = int_params(W.reshape(N, K // G, G), bits, sym, scale_dtype)
     perm = None
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
+    # group of the column at each (possibly permuted) position
+    gcol = (perm if act_order == "static" else torch.arange(K, device=W.device)) // G
     H += damp * torch.mean(torch.diag(H)) * torch.eye(K, device=H.device)
     Hinv = _upper_inverse_cholesky(H)
 
     codes = torch.zeros(N, K, device=W.device)
-    scale = torch.zeros(N, K // G, device=W.device)
-    zero = torch.zeros(N, K // G, device=W.device)
     for i1 in range(0, K, block):
         i2 = min(i1 + block, K)
         W1 = W[:, i1:i2].clone()  # (N, B)
@@ -66,12 +78,13 @@ def gptq_quantize(
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
             col = i1 + i
-            if col % G == 0:
+            if col % G == 0 and act_order != "static":
                 # Group params from the current (error-updated) columns of this group.
                 src = torch.cat([W1[:, i : i + G], W[:, i2 : i2 + max(0, G - (i2 - col))]], 1)
                 s, z = int_params(src, bits, sym, scale_dtype)  # (N,)
                 scale[:, col // G], zero[:, col // G] = s, z
-            s, z = scale[:, col // G], zero[:, col // G]
+            g = int(gcol[col])
+            s, z = scale[:, g], zero[:, g]
             q = int_codes(W1[:, i], s, z, bits)
             codes[:, col] = q
             err = (W1[:, i] - (q - z) * s) / Hinv1[i, i]
@@ -83,7 +96,8 @@ def gptq_quantize(
     if perm is not None:
         invperm = torch.argsort(perm)
         codes = codes[:, invperm]  # back to the original column order
-        out["g_idx"] = (torch.arange(K, device=W.device) // G)[invperm].to(torch.int32)
+        if act_order == "group":
+            out["g_idx"] = (torch.arange(K, device=W.device) // G)[invperm].to(torch.int32)
     out["codes"] = codes.to(torch.uint8)
     return out
 

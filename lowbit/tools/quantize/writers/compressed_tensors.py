@@ -27,7 +27,7 @@ def scheme_args(method: Method, opts) -> tuple[dict, dict | None, str]:
         per_channel = opts.group_size in (-1, 0)
         w = _args(method.bits, "int", "channel" if per_channel else "group",
                   symmetric=method.sym, group_size=None if per_channel else opts.group_size,
-                  actorder="group" if opts.act_order else None)  # fmt: skip
+                  actorder=opts.act_order)  # fmt: skip
         if method.act == "int8-token":
             return w, _args(8, "int", "token", dynamic=True, observer=None), "int-quantized"
         return w, None, "pack-quantized"

@@ -19,8 +19,9 @@ def quantization_config(method: Method, opts, ignored: list[str]) -> dict:
     fmt = _checkpoint_format(method)
     return {
         "quant_method": "gptq", "bits": method.bits, "group_size": opts.group_size,
-        "desc_act": bool(opts.act_order), "sym": method.sym, "damp_percent": 0.01,
-        "true_sequential": False, "static_groups": False, "checkpoint_format": fmt,
+        "desc_act": opts.act_order == "group", "sym": method.sym,
+        "damp_percent": 0.01, "true_sequential": False,
+        "static_groups": opts.act_order == "static", "checkpoint_format": fmt,
         "format": fmt, "pack_dtype": "int32", "lm_head": False,
         "dynamic": {f"-:{name.replace('.', '[.]')}$": {} for name in ignored} or None,
         "meta": {"quantizer": ["lowbit:0.1.0"], "damp_percent": 0.01},
