@@ -177,15 +177,22 @@ def dequant_fp4(packed: Tensor, block_scale: Tensor, group_size: int) -> Tensor:
     return w * block_scale.float().repeat_interleave(group_size, dim=1)[:, : w.shape[1]]
 
 
-def fake_quant_nvfp4_act(x: Tensor, global_scale: Tensor, group_size: int = 16) -> Tensor:
-    """NVFP4 activation simulation: fp8 block scales of amax/6 under a per-tensor multiplier."""
+def fake_quant_nvfp4_act(
+    x: Tensor, global_scale: Tensor, group_size: int = 16, divisor: bool = False
+) -> Tensor:
+    """NVFP4 activation simulation: fp8 block scales of amax/6 under a per-tensor scale.
+
+    `global_scale` multiplies the block scales (ModelOpt `input_scale`), or divides them when
+    `divisor` (compressed-tensors `input_global_scale`, computed the way the tool does).
+    """
     K = x.shape[-1]
     xg = x.float().reshape(-1, K // group_size, group_size)  # (M, K/16, 16)
     gs = global_scale.float().reshape(())
-    bs = (xg.abs().amax(-1, keepdim=True) / (6.0 * gs)).to(torch.float8_e4m3fn).float()
-    scale = bs * gs  # (M, K/16, 1)
+    amax6 = xg.abs().amax(-1, keepdim=True) / 6.0
+    bs = (amax6 * gs if divisor else amax6 / gs).clamp(max=FP8_MAX).to(torch.float8_e4m3fn)
+    scale = bs.float() / gs if divisor else bs.float() * gs  # (M, K/16, 1)
     safe = torch.where(scale == 0, torch.ones_like(scale), scale)
-    q = e2m1_round(xg / safe)
+    q = e2m1_round((xg / safe).clamp(-6.0, 6.0))
     return (q * scale).reshape(x.shape)
 
 
@@ -196,10 +203,13 @@ def fp4_gemm(
     group_size: int,
     input_global_scale: Tensor | None = None,
     bias: Tensor | None = None,
+    divisor: bool = False,
 ) -> Tensor:
-    """W4 fp4 GEMM; with `input_global_scale` (a multiplier) activations are NVFP4-quantized."""
+    """W4 fp4 GEMM; with `input_global_scale` activations are NVFP4-quantized too."""
     w = dequant_fp4(packed, block_scale, group_size)  # (N, K)
-    xf = x.float() if input_global_scale is None else fake_quant_nvfp4_act(x, input_global_scale)
+    xf = x.float()
+    if input_global_scale is not None:
+        xf = fake_quant_nvfp4_act(x, input_global_scale, divisor=divisor)
     return _finish(xf @ w.t(), bias, x.dtype)
 
 

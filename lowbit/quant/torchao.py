@@ -93,8 +93,9 @@ class TorchaoScheme:
         def load(param, tensor, shard_id=None):
             self._load(layer, param, tensor, shard_id)
 
-        meta = torch.empty(layer.output_size, layer.input_size, dtype=layer.params_dtype,
-                           device="meta")  # fmt: skip
+        meta = torch.empty(
+            layer.output_size, layer.input_size, dtype=layer.params_dtype, device="meta"
+        )
         layer.add_param("weight", meta, output_dim=0, input_dim=1, weight_loader=load)
         layer.torchao_linear = None
 

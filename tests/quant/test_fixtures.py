@@ -1,0 +1,54 @@
+"""Checkpoints made by the real tools (scripts/make_quant_fixtures.py) load with no flag and
+match each tool's own reference logits.
+
+Bound per fixture: relative error ≤ max(0.3 × (reference vs unquantized base), 0.01) and top-1
+agreement ≥ 0.95. `fixture.json` in each directory names the tool, version, recipe and how the
+reference was computed.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import lowbit
+from tests.conftest import make_tokenizer
+
+ROOT = Path(__file__).resolve().parent.parent / "fixtures" / "quant"
+FIXTURES = sorted(p.name for p in ROOT.iterdir() if (p / "reference.pt").is_file())
+KNOWN_GAPS = {
+    "ct_nvfp4": "NVFP4 W4A4: lowbit's activation simulation differs from compressed-tensors' "
+    "bf16 reload (0.16 relative error); weights alone match (ct_nvfp4a16)",
+}
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.fixture(scope="module")
+def base_logits() -> torch.Tensor:
+    return torch.load(ROOT / "base_logits.pt")["logits"]
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_fixture_matches_tool_reference(name, tmp_path, base_logits):
+    if name in KNOWN_GAPS:
+        pytest.xfail(KNOWN_GAPS[name])
+    model_dir = tmp_path / name
+    shutil.copytree(ROOT / name, model_dir)
+    make_tokenizer(model_dir, 384)  # the engine needs one; fixtures keep only the weights
+    ref = torch.load(model_dir / "reference.pt")
+    with lowbit.Engine(model_path=str(model_dir), dtype="float32", device="cpu") as engine:
+        assert engine.quant_plan.method is not None, "detected with no flag"
+        out = engine.logits(ref["ids"].tolist())
+    err, quant_err = _rel(out, ref["logits"]), _rel(base_logits, ref["logits"])
+    bound = max(0.3 * quant_err, 0.01)
+    top1 = float((out.argmax(-1) == ref["logits"].argmax(-1)).float().mean())
+    tool = json.loads((model_dir / "fixture.json").read_text())["tool"]
+    assert err <= bound, f"{name} ({tool}): error {err:.4f} > {bound:.4f}"
+    assert top1 >= 0.95, f"{name} ({tool}): top-1 agreement {top1:.3f}"
