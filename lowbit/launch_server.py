@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
+import os
 import socket
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 def build_parser(prog: str = "python -m lowbit.launch_server") -> argparse.ArgumentParser:
     """The server's command line (SGLang's flag names)."""
-    p = argparse.ArgumentParser(prog=prog, description=__doc__.split(":", 1)[1].strip())
+    p = argparse.ArgumentParser(prog=prog, description="lowbit's OpenAI-compatible server.")
     m = p.add_argument_group("model")
     m.add_argument(
         "--model-path",
@@ -145,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr)
         return 2
+    # The engine thread releases the GIL in every torch call and must win it back from the HTTP
+    # thread; CPython's default 5 ms switch interval would let HTTP work stall each step.
+    sys.setswitchinterval(float(os.environ.get("LOWBIT_SWITCH_INTERVAL", "0.0005")))
     name = args.served_model_name or args.model_path or DEMO_MODEL_NAME
     app = create_app(engine, name, api_key=args.api_key, chat_template=template)
     url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"

@@ -20,6 +20,7 @@ from lowbit.server.errors import APIError, bad_request, invalid
 from lowbit.server.metrics import Metrics
 
 T = TypeVar("T", bound=BaseModel)
+_COMPACT = (",", ":")  # JSON separators without spaces: smaller events
 
 
 @dataclass
@@ -189,7 +190,7 @@ async def stream(
     async def events() -> AsyncIterator[str]:
         try:
             async for chunk in render(deltas()):
-                yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                yield f"data: {json.dumps(chunk, ensure_ascii=False, separators=_COMPACT)}\n\n"
         except APIError as e:
             yield e.sse()
         finally:

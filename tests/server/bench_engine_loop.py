@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import socket
 import subprocess
@@ -29,7 +30,9 @@ import lowbit
 
 def baseline(args) -> tuple[float, int]:
     """Seconds and tokens to run the requests through `engine.step()` alone."""
-    engine = lowbit.Engine(args.model_path, device=args.device, max_total_tokens=args.kv_tokens)
+    engine = lowbit.Engine(
+        args.model_path, device=args.device, dtype=args.dtype, max_total_tokens=args.kv_tokens
+    )
     params = {"max_new_tokens": args.tokens, "ignore_eos": True, "temperature": 1.0}
     engine.generate(["warm up"] * 4, params)
     best = None
@@ -63,8 +66,8 @@ async def through_server(url: str, args) -> tuple[float, int]:
             payload = {**body, "prompt": f"Request {i}: hello"}
             async with http.stream("POST", "/v1/completions", json=payload) as r:
                 async for line in r.aiter_lines():
-                    if line.startswith('data: {"id"') and '"usage": {' in line:
-                        usage = int(line.split('"completion_tokens": ')[1].split(",")[0])
+                    if line.startswith("data: {") and '"choices":[]' in line:
+                        usage = json.loads(line[6:])["usage"]["completion_tokens"]
             return usage
 
         before = _scrape((await http.get("/metrics")).text)
@@ -99,6 +102,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model-path", default=None, help="default: a tiny random Llama")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto")
     p.add_argument("--streams", type=int, default=64)
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--kv-tokens", type=int, default=16384)
@@ -130,11 +134,14 @@ def main() -> None:
         port = s.getsockname()[1]
     cmd = [sys.executable, "-m", "lowbit.launch_server", "--model-path", args.model_path,
            "--port", str(port), "--served-model-name", "m", "--device", args.device,
-           "--max-total-tokens", str(args.kv_tokens), "--log-level", "warning"]  # fmt: skip
+           "--dtype", args.dtype, "--max-total-tokens", str(args.kv_tokens),
+           "--log-level", "warning"]  # fmt: skip
     server = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     try:
         while True:
+            if server.poll() is not None:
+                raise SystemExit(f"the server exited with status {server.returncode}")
             try:
                 if httpx.get(f"{url}/health").status_code == 200:
                     break
