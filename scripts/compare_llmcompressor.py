@@ -35,8 +35,32 @@ CASES = (  # (label, lowbit method, llm-compressor recipe name)
 )
 
 
-def make_model(path: Path) -> None:
-    """A small random Llama (as tests/conftest.py builds them, larger) with a BPE tokenizer."""
+TRAIN_MODULES = ("inspect", "subprocess", "tarfile", "pathlib", "pickle", "threading")
+
+
+def _train(model, tok, steps: int, seq_len: int = 128, batch: int = 8) -> None:
+    """A few hundred AdamW steps on standard-library text that is neither calibration nor eval
+    text, so the model's distributions look like a language model's rather than noise."""
+    from lowbit.tools.textdata import _stdlib_text
+
+    ids = torch.tensor(tok(_stdlib_text(TRAIN_MODULES))["input_ids"])
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(0)
+    model.train()
+    for step in range(steps):
+        starts = torch.randint(0, len(ids) - seq_len - 1, (batch,), generator=g)
+        x = torch.stack([ids[s : s + seq_len] for s in starts])  # (B, T)
+        loss = model(x, labels=x).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"train step {step}: loss {loss.item():.3f}", file=sys.stderr)
+    model.eval()
+
+
+def make_model(path: Path, train_steps: int) -> None:
+    """A small Llama with a BPE tokenizer: random (as tests/conftest.py), or briefly trained."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -48,18 +72,22 @@ def make_model(path: Path) -> None:
     trainer = trainers.BpeTrainer(vocab_size=1024, special_tokens=["<unk>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
     tok.train_from_iterator([builtin_calibration_text()[:200_000]], trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(path)  # fmt: skip
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")  # fmt: skip
+    fast.save_pretrained(path)
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4,
                       num_attention_heads=4, num_key_value_heads=2, vocab_size=1024,
                       max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
                       tie_word_embeddings=False)  # fmt: skip
     model = LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.normal_(0, 0.08)
+    if train_steps:
+        _train(model, fast, train_steps)
+    else:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" not in name:
+                    p.normal_(0, 0.08)
     model.save_pretrained(path)
 
 
@@ -116,6 +144,12 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--eval-tokens", type=int, default=4096)
     ap.add_argument("--workdir", default=None)
+    ap.add_argument(
+        "--train-steps",
+        type=int,
+        default=0,
+        help="without --model: train the small model this many steps first",
+    )
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     from transformers import AutoTokenizer
@@ -125,7 +159,7 @@ def main() -> int:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lowbit-vs-llmc-"))
     src = Path(args.model) if args.model else work / "src"
     if args.model is None and not src.exists():
-        make_model(src)
+        make_model(src, args.train_steps)
     tok = AutoTokenizer.from_pretrained(src)
     calib = calibration_windows(tok, None, args.num_samples, args.seq_len)
     held = eval_windows(tok, None, args.eval_tokens, args.seq_len)

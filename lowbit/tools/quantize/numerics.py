@@ -18,10 +18,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lowbit.kernels.codes import e2m1_decode
+
 FP8_MAX = 448.0
 FP4_MAX = 6.0
 NVFP4_GROUP = 16
-E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
 _E2M1_BOUNDS = torch.tensor([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
 _E2M1_TIES_UP = (0.75, 1.75, 3.5)  # round-half-to-even in code space (ModelOpt)
 
@@ -134,9 +135,7 @@ def e2m1_codes(x: Tensor) -> Tensor:
 
 def e2m1_values(codes: Tensor) -> Tensor:
     """e2m1 code → value (fp32)."""
-    c = codes.long()
-    v = E2M1_VALUES.to(codes.device)[c & 7]
-    return torch.where(c >= 8, -v, v)
+    return e2m1_decode(codes)
 
 
 def nvfp4_global_scale(amax: Tensor) -> Tensor:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lowbit.kernels.codes import pack_fp4, pack_int32
 from lowbit.tools.quantize.methods import Method
-from lowbit.tools.quantize.writers import pack_fp4, pack_last
 
 CT_VERSION = "0.12.2"
 
@@ -83,10 +83,10 @@ def linear_tensors(r: dict, method: Method, opts, dtype: torch.dtype) -> dict[st
         if method.act == "int8-token":
             out["weight"] = (codes.to(torch.int16) - 128).to(torch.int8)
             return out
-        out["weight_packed"] = pack_last(codes, method.bits)  # (N, ceil(K/pf))
+        out["weight_packed"] = pack_int32(codes, method.bits, dim=1)  # (N, ceil(K/pf))
         out["weight_shape"] = torch.tensor([N, K], dtype=torch.int64)
         if not method.sym:  # zero points: signed + 2^(b-1) = our unsigned zero, packed along N
-            out["weight_zero_point"] = pack_last(r["zero"].T.contiguous(), method.bits).T
+            out["weight_zero_point"] = pack_int32(r["zero"], method.bits, dim=0)
         if "g_idx" in r:
             out["weight_g_idx"] = r["g_idx"].to(torch.int32)
         return out

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lowbit.kernels.codes import pack_int32
 from lowbit.tools.quantize.methods import Method
-from lowbit.tools.quantize.writers import pack_last
 
 
 def _checkpoint_format(method: Method) -> str:
@@ -43,8 +43,8 @@ def linear_tensors(r: dict, method: Method, opts, dtype: torch.dtype) -> dict[st
     if g_idx is None:
         g_idx = torch.arange(K) // (K // ng)
     return {
-        "qweight": pack_last(codes, method.bits).T.contiguous(),  # (N, K/pf) → (K/pf, N)
-        "qzeros": pack_last(zero.T.contiguous(), method.bits),
+        "qweight": pack_int32(codes.T, method.bits, dim=0),  # (K/pf, N)
+        "qzeros": pack_int32(zero.T, method.bits, dim=1),  # (ng, N/pf)
         "scales": r["scale"].T.contiguous().to(torch.float16),
         "g_idx": g_idx.to(torch.int32),
     }

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from lowbit.kernels.codes import pack_fp4
 from lowbit.tools.quantize.methods import Method
-from lowbit.tools.quantize.writers import pack_fp4
 
 PRODUCER = {"name": "modelopt", "version": "0.29.0"}
 
