@@ -49,6 +49,8 @@ class Subscription:
 
     def add(self, prompt_ids: list[int], params: SamplingParams) -> str:
         """Queue one prompt (already encoded and validated); returns its request id."""
+        if not self.owner.alive:
+            raise APIError(503, "the engine loop is not running; restart the server")
         rid = uuid.uuid4().hex
         self.request_ids.append(rid)
         self.remaining += params.n

@@ -20,6 +20,7 @@ from lowbit.server.errors import APIError, bad_request, invalid
 from lowbit.server.metrics import Metrics
 
 T = TypeVar("T", bound=BaseModel)
+MAX_BODY_BYTES = 32 << 20  # far above any prompt that fits a context; stops memory abuse
 _COMPACT = (",", ":")  # JSON separators without spaces: smaller events
 
 
@@ -95,7 +96,12 @@ class ServerState:
 
 async def parse_body(request: Request, model: type[T]) -> T:
     """The JSON body as `model` (whatever the Content-Type says, as curl -d sends a form type)."""
+    size = request.headers.get("content-length", "0")
+    if size.isdigit() and int(size) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body has {size} bytes; the limit is {MAX_BODY_BYTES}")
     raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body has {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
     if not raw.strip():
         raise APIError(400, "the request has no body; send a JSON object")
     try:

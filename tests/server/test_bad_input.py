@@ -72,6 +72,12 @@ def test_bad_request(http, route, body, status, param):
     assert good.status_code == 200, good.text
 
 
+def test_body_too_large(http):
+    """A body over the size limit is refused before it is read as JSON."""
+    r = http.post(C, content=b" " * (32 * 2**20 + 1), headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+
+
 def test_stream_bad_request_is_json_not_sse(http):
     """A streaming request that is invalid gets a JSON error, not an event stream."""
     r = http.post(C, json={**OK_C, "stream": True, "max_tokens": 0})
