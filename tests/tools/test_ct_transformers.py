@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAST
+from quant_settings import FAST
 
 import lowbit
 from lowbit.tools.quantize.simulate import from_export
@@ -21,16 +21,16 @@ METHODS = ["w4a16-rtn", "w4a16-gptq", "w4a16-awq", "w8a16", "fp8-dynamic", "fp8-
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_transformers_loads_compressed_tensors_export(tiny_src, tmp_path, method):
+def test_transformers_loads_compressed_tensors_export(tiny_llama, tmp_path, method):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "out"
-    lowbit.quantize(str(tiny_src), str(out), method, **FAST)
+    lowbit.quantize(str(tiny_llama), str(out), method, **FAST)
     # compressed-tensors' NVFP4 path computes in bf16 whatever the checkpoint dtype.
     dtype = torch.bfloat16 if method.startswith("nvfp4") else torch.float32
     hf = AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
     with torch.no_grad():
         got = hf(IDS).logits[0].float()
-        expected = from_export(tiny_src, out)(IDS).logits[0]
+        expected = from_export(tiny_llama, out)(IDS).logits[0]
     tol = 0.15 if dtype == torch.bfloat16 else 1e-4
     torch.testing.assert_close(got, expected, rtol=tol, atol=tol)

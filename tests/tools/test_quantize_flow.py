@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import FAST
+from quant_settings import FAST
 
 import lowbit
 from lowbit.cli import main
@@ -35,7 +35,7 @@ def _no_export(tmp_path, out):
         ({"num_samples": 100000}, ValueError, "too short"),
     ],
 )
-def test_bad_input_fails_before_any_work(tiny_src, tmp_path, monkeypatch, kwargs, error, match):
+def test_bad_input_fails_before_any_work(tiny_llama, tmp_path, monkeypatch, kwargs, error, match):
     files = {"MISSING": tmp_path / "missing.txt", "EMPTY": tmp_path / "empty.txt",
              "SHORT": tmp_path / "short.jsonl"}  # fmt: skip
     files["EMPTY"].write_text("\n \n")
@@ -46,15 +46,15 @@ def test_bad_input_fails_before_any_work(tiny_src, tmp_path, monkeypatch, kwargs
     args = {"method": "w4a16-gptq", **FAST, **kwargs}
     out = tmp_path / "out"
     with pytest.raises(error, match=match):
-        lowbit.quantize(str(tiny_src), str(out), **args)
+        lowbit.quantize(str(tiny_llama), str(out), **args)
     _no_export(tmp_path, out)
 
 
-def test_existing_export_dir_needs_overwrite(tiny_src, tmp_path, capsys):
+def test_existing_export_dir_needs_overwrite(tiny_llama, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("x")
-    argv = ["quantize", "--model-path", str(tiny_src), "--export-dir", str(out),
+    argv = ["quantize", "--model-path", str(tiny_llama), "--export-dir", str(out),
             "--method", "w4a16-rtn"]  # fmt: skip
     assert main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err and (out / "keep.txt").exists()
@@ -62,7 +62,7 @@ def test_existing_export_dir_needs_overwrite(tiny_src, tmp_path, capsys):
     assert not (out / "keep.txt").exists() and (out / "quantization_report.json").is_file()
 
 
-def test_interrupted_run_leaves_no_valid_looking_export(tiny_src, tmp_path, monkeypatch):
+def test_interrupted_run_leaves_no_valid_looking_export(tiny_llama, tmp_path, monkeypatch):
     real = api.write_export
 
     def interrupted(*args, **kwargs):
@@ -72,35 +72,35 @@ def test_interrupted_run_leaves_no_valid_looking_export(tiny_src, tmp_path, monk
     monkeypatch.setattr(api, "write_export", interrupted)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
-        lowbit.quantize(str(tiny_src), str(out), "w4a16-rtn", **FAST)
+        lowbit.quantize(str(tiny_llama), str(out), "w4a16-rtn", **FAST)
     _no_export(tmp_path, out)
 
 
-def test_restored_calibration_gives_identical_export(tiny_src, tmp_path):
+def test_restored_calibration_gives_identical_export(tiny_llama, tmp_path):
     state = tmp_path / "state"
     a, b = tmp_path / "a", tmp_path / "b"
-    lowbit.quantize(str(tiny_src), str(a), "w4a16-gptq", checkpoint_save_path=str(state), **FAST)
-    rep = lowbit.quantize(str(tiny_src), str(b), "w4a16-gptq",
+    lowbit.quantize(str(tiny_llama), str(a), "w4a16-gptq", checkpoint_save_path=str(state), **FAST)
+    rep = lowbit.quantize(str(tiny_llama), str(b), "w4a16-gptq",
                           checkpoint_restore_path=str(state), **FAST)  # fmt: skip
     assert rep["restored_from"] == str(state)
     assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
     assert (a / "config.json").read_text() == (b / "config.json").read_text()
     with pytest.raises(ValueError, match="other settings"):
-        lowbit.quantize(str(tiny_src), str(tmp_path / "c"), "w4a16-gptq", group_size=64,
+        lowbit.quantize(str(tiny_llama), str(tmp_path / "c"), "w4a16-gptq", group_size=64,
                         checkpoint_restore_path=str(state), **FAST)  # fmt: skip
     with pytest.raises(FileNotFoundError, match="no calibration state"):
-        lowbit.quantize(str(tiny_src), str(tmp_path / "d"), "w4a16-gptq",
+        lowbit.quantize(str(tiny_llama), str(tmp_path / "d"), "w4a16-gptq",
                         checkpoint_restore_path=str(tmp_path), **FAST)  # fmt: skip
 
 
-def test_failed_gate_marks_export_and_exits_nonzero(tiny_src, tmp_path, capsys):
+def test_failed_gate_marks_export_and_exits_nonzero(tiny_llama, tmp_path, capsys):
     out = tmp_path / "out"
     with pytest.raises(QualityGateError, match="mean KL"):
-        lowbit.quantize(str(tiny_src), str(out), "w4a16-rtn", max_kl=1e-9, **FAST)
+        lowbit.quantize(str(tiny_llama), str(out), "w4a16-rtn", max_kl=1e-9, **FAST)
     report = json.loads((out / "quantization_report.json").read_text())
     assert report["status"] == "failed" and report["reasons"]
     assert (out / "QUANTIZATION_FAILED").is_file()
-    argv = ["quantize", "--model-path", str(tiny_src), "--export-dir", str(out), "--overwrite",
+    argv = ["quantize", "--model-path", str(tiny_llama), "--export-dir", str(out), "--overwrite",
             "--method", "fp8-dynamic", "--max-kl", "1e-9", "--eval-max-tokens", "128"]  # fmt: skip
     assert main(argv) == 3
     assert "quality gate" in capsys.readouterr().err

@@ -11,7 +11,8 @@ import json
 
 import pytest
 import torch
-from conftest import FAST
+from conftest import make_tiny_model
+from quant_settings import FAST
 from safetensors import safe_open
 
 import lowbit
@@ -62,11 +63,33 @@ def _logits(model) -> torch.Tensor:
         return model(torch.tensor(IDS)).logits[0].float()
 
 
+@pytest.mark.parametrize("arch,method", [("qwen2", "w4a16-awq"), ("qwen3", "w4a16-gptq"),
+                                         ("llama3-rope", "nvfp4")])  # fmt: skip
+def test_other_architectures(tmp_path, arch, method):
+    """qkv bias (Qwen2), q/k norms (Qwen3), tied embeddings (Llama 3) quantize and read back."""
+    src, out, state = tmp_path / "src", tmp_path / "out", tmp_path / "state"
+    make_tiny_model(src, arch)
+    report = lowbit.quantize(str(src), str(out), method, checkpoint_save_path=str(state), **FAST)
+    assert report["status"] == "passed"
+    expected = _logits(from_state(src, CalibState.load(state, {}), METHODS[method]))
+    torch.testing.assert_close(_logits(from_export(src, out)), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def wide_kv_src(tmp_path_factory):
+    """A tiny Llama whose q/k/v each have 128 outputs, so 128×128 FP8 blocks fuse into qkv."""
+    path = tmp_path_factory.mktemp("wide_kv")
+    make_tiny_model(path, "llama", num_key_value_heads=4)
+    return path
+
+
 @pytest.mark.parametrize("method,fmt", CASES, ids=[f"{m}-{f or 'default'}" for m, f in CASES])
-def test_method_exports_and_reads_back(tiny_src, tmp_path, method, fmt):
+def test_method_exports_and_reads_back(request, tmp_path, method, fmt):
+    # Block FP8 needs every fused shard's rows to be a multiple of 128 (formats.md §4.1).
+    tiny_llama = request.getfixturevalue("wide_kv_src" if method == "fp8-block" else "tiny_llama")
     out, state_dir = tmp_path / "out", tmp_path / "state"
     act_order = (method, fmt) == ("w4a16-gptq", "gptq")  # g_idx through the GPTQ layout
-    report = lowbit.quantize(str(tiny_src), str(out), method, format=fmt, act_order=act_order,
+    report = lowbit.quantize(str(tiny_llama), str(out), method, format=fmt, act_order=act_order,
                              checkpoint_save_path=str(state_dir), **FAST)  # fmt: skip
     m = METHODS[method]
     assert report["status"] == "passed" and report["method"] == method
@@ -90,11 +113,11 @@ def test_method_exports_and_reads_back(tiny_src, tmp_path, method, fmt):
             assert qc["desc_act"] is True
 
     state = CalibState.load(state_dir, {})
-    expected = _logits(from_state(tiny_src, state, m))
-    got = _logits(from_export(tiny_src, out))
+    expected = _logits(from_state(tiny_llama, state, m))
+    got = _logits(from_export(tiny_llama, out))
     # Tight: the export holds exactly the weights calibration produced.
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
-    original = _logits(fake_quant_model(tiny_src, {}, {}, {}))
+    original = _logits(fake_quant_model(tiny_llama, {}, {}, {}))
     assert (got - original).abs().max() > 0  # it really is quantized
 
     try:
