@@ -72,6 +72,12 @@ def build_parser(prog: str = "python -m lowbit.launch_server") -> argparse.Argum
         default=None,
         help="the model name clients send (default: --model-path)",
     )
+    s.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="tokens per streamed chunk after the first (more: less HTTP work)",
+    )
     s.add_argument("--log-level", default="info", choices=_LOG_LEVELS)
     return p  # fmt: skip
 
@@ -132,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         eargs = engine_args(args)
         template = read_chat_template(args.chat_template)
+        if args.stream_interval < 1:
+            raise ValueError(f"--stream-interval {args.stream_interval}: give 1 or more tokens")
         check_port(args.host, args.port)
     except ValueError as e:
         parser.error(str(e))
@@ -150,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     # thread; CPython's default 5 ms switch interval would let HTTP work stall each step.
     sys.setswitchinterval(float(os.environ.get("LOWBIT_SWITCH_INTERVAL", "0.0005")))
     name = args.served_model_name or args.model_path or DEMO_MODEL_NAME
-    app = create_app(engine, name, api_key=args.api_key, chat_template=template)
+    app = create_app(
+        engine, name, api_key=args.api_key, chat_template=template,
+        stream_interval=args.stream_interval,
+    )  # fmt: skip
     url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
     logging.getLogger("lowbit").info(
         "serving %r (context %d tokens) at %s; OpenAI base_url %s/v1",

@@ -64,10 +64,11 @@ def create_app(
     model_name: str,
     api_key: str | None = None,
     chat_template: str | None = None,
+    stream_interval: int = 1,
 ) -> FastAPI:
     """An app serving `engine`; its engine loop starts and stops with the app's lifespan."""
     metrics = Metrics(model_name)
-    loop = EngineLoop(engine, metrics)
+    loop = EngineLoop(engine, metrics, stream_interval)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

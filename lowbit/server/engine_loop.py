@@ -34,13 +34,31 @@ class _Sink:
     submitted: float
     finished: int = 0
     last_token: dict[int, float] = field(default_factory=dict)
+    held: dict[int, StreamDelta] = field(default_factory=dict)  # per sample, not yet delivered
+
+    def release(self, d: StreamDelta) -> StreamDelta | None:
+        """The delta to deliver now (merged with held ones), or None to hold it back.
+
+        A streaming subscriber gets the first token at once, then every `interval` tokens; a
+        non-streaming one (interval 0) only the final delta, so it costs no wake-up per token.
+        """
+        held = self.held.pop(d.index, None)
+        if held is not None:
+            d = _merge(held, d)
+        interval = self.sub.interval
+        first = d.completion_tokens == len(d.token_ids)
+        if d.finished or (interval and (first or d.completion_tokens % interval == 0)):
+            return d
+        self.held[d.index] = d
+        return None
 
 
 class Subscription:
     """Deltas of one or more requests, delivered to the asyncio task that submitted them."""
 
-    def __init__(self, owner: EngineLoop):
+    def __init__(self, owner: EngineLoop, interval: int):
         self.owner = owner
+        self.interval = interval
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.request_ids: list[str] = []
@@ -88,8 +106,11 @@ class Subscription:
 class EngineLoop:
     """Runs `engine.step()` in a background thread while there is work."""
 
-    def __init__(self, engine, metrics: Metrics | None = None):
+    def __init__(self, engine, metrics: Metrics | None = None, stream_interval: int = 1):
+        if stream_interval < 1:
+            raise ValueError(f"stream_interval must be ≥ 1 token, got {stream_interval}")
         self.engine = engine
+        self.stream_interval = stream_interval
         self.metrics = metrics
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[str, _Sink] = {}  # touched only by the loop thread
@@ -116,9 +137,9 @@ class EngineLoop:
         """Hand a command to the loop thread (any thread may call this)."""
         self._inbox.put(command)
 
-    def subscribe(self) -> Subscription:
-        """A new subscription for the calling asyncio task."""
-        return Subscription(self)
+    def subscribe(self, stream: bool) -> Subscription:
+        """A new subscription for the calling asyncio task (`stream`: wants deltas as they come)."""
+        return Subscription(self, self.stream_interval if stream else 0)
 
     # ---- the loop thread ----
 
@@ -192,7 +213,9 @@ class EngineLoop:
             if sink is None:
                 continue  # aborted or failed earlier
             self._observe(sink, d, now)
-            out[sink.sub.loop].append((sink.sub, d))
+            ready = sink.release(d)
+            if ready is not None:
+                out[sink.sub.loop].append((sink.sub, ready))
             if d.finished:
                 sink.finished += 1
                 if sink.finished == sink.n:
@@ -244,6 +267,15 @@ class EngineLoop:
                 pass
 
 
+def _merge(a: StreamDelta, b: StreamDelta) -> StreamDelta:
+    """One delta of a sample that says what `a` then `b` said."""
+    lps = (a.logprobs or []) + (b.logprobs or [])
+    return StreamDelta(
+        b.request_id, b.index, a.text + b.text, a.token_ids + b.token_ids, b.finish_reason,
+        lps or None, b.prompt_tokens, b.completion_tokens,
+    )  # fmt: skip
+
+
 def _coalesce(items: list) -> list:
     """Merge the deltas of each sample into one (errors stay as they are, in order)."""
     merged: dict[tuple[str, int], StreamDelta] = {}
@@ -255,14 +287,8 @@ def _coalesce(items: list) -> list:
         key = (item.request_id, item.index)
         prev = merged.get(key)
         if prev is None:
-            merged[key] = item
             out.append(key)
-            continue
-        lps = (prev.logprobs or []) + (item.logprobs or [])
-        merged[key] = StreamDelta(
-            item.request_id, item.index, prev.text + item.text, prev.token_ids + item.token_ids,
-            item.finish_reason, lps or None, item.prompt_tokens, item.completion_tokens,
-        )  # fmt: skip
+        merged[key] = item if prev is None else _merge(prev, item)
     return [merged[x] if isinstance(x, tuple) else x for x in out]
 
 

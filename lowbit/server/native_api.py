@@ -72,7 +72,7 @@ async def generate(request: Request) -> Response:
         if req.return_logprob:
             fields["logprobs"] = req.top_logprobs_num
         jobs.append((ids, st.params({**fields, "max_new_tokens": asked})))
-    sub = st.loop.subscribe()
+    sub = st.loop.subscribe(req.stream)
     order: dict[str, int] = {}  # request id → index of its first sample in the response
     base = 0
     for ids, params in jobs:

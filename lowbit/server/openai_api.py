@@ -71,7 +71,7 @@ async def completions(request: Request) -> Response:
                                req.logprobs))
         for p in ids
     ]  # fmt: skip
-    sub = st.loop.subscribe()
+    sub = st.loop.subscribe(req.stream)
     order = {sub.add(p, sp): i for i, (p, sp) in enumerate(zip(ids, params))}
     echo = [
         p if isinstance(p, str) else st.engine.tokenizer.decode(i) for p, i in zip(prompts, ids)
@@ -146,7 +146,7 @@ async def chat_completions(request: Request) -> Response:
     param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
     max_tokens = st.max_tokens(len(ids), asked, param, None)
     params = st.params(req.sampling(max_tokens, req.num_logprobs()))
-    sub = st.loop.subscribe()
+    sub = st.loop.subscribe(req.stream)
     sub.add(ids, params)
     head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()),
             "model": st.model_name}  # fmt: skip

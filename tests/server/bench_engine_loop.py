@@ -108,6 +108,7 @@ def main() -> None:
     p.add_argument("--kv-tokens", type=int, default=16384)
     p.add_argument("--hidden", type=int, default=128, help="hidden size of the random model")
     p.add_argument("--layers", type=int, default=2, help="layers of the random model")
+    p.add_argument("--stream-interval", type=int, default=1)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (both runs)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -135,7 +136,7 @@ def main() -> None:
     cmd = [sys.executable, "-m", "lowbit.launch_server", "--model-path", args.model_path,
            "--port", str(port), "--served-model-name", "m", "--device", args.device,
            "--dtype", args.dtype, "--max-total-tokens", str(args.kv_tokens),
-           "--log-level", "warning"]  # fmt: skip
+           "--stream-interval", str(args.stream_interval), "--log-level", "warning"]  # fmt: skip
     server = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     try:

@@ -37,6 +37,7 @@ def no_weights(monkeypatch):
         (["--mem-fraction-static", "1.5"], "mem_fraction_static"),
         (["--port", "70000"], "not a TCP port"),
         (["--chat-template", "no_such_file.jinja"], "not a file"),
+        (["--stream-interval", "0"], "give 1 or more tokens"),
         (["--no-such-flag"], "unrecognized arguments"),
     ],
 )
