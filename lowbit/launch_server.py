@@ -113,6 +113,11 @@ def read_chat_template(value: str | None) -> str | None:
     raise ValueError(f"--chat-template {value!r} is not a file; give a Jinja template file")
 
 
+def served_name(args: argparse.Namespace) -> str:
+    """The model name clients send: --served-model-name, else --model-path, else the demo's."""
+    return args.served_model_name or args.model_path or DEMO_MODEL_NAME
+
+
 def check_port(host: str, port: int) -> None:
     """Fail before loading weights when the address can't be bound."""
     if not 0 < port < 65536:
@@ -157,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     # The engine thread releases the GIL in every torch call and must win it back from the HTTP
     # thread; CPython's default 5 ms switch interval would let HTTP work stall each step.
     sys.setswitchinterval(float(os.environ.get("LOWBIT_SWITCH_INTERVAL", "0.0005")))
-    name = args.served_model_name or args.model_path or DEMO_MODEL_NAME
+    name = served_name(args)
     app = create_app(
         engine, name, api_key=args.api_key, chat_template=template,
         stream_interval=args.stream_interval,

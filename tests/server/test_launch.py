@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -124,3 +125,28 @@ def test_api_key_on_a_real_server_process(tiny_llama):
         except subprocess.TimeoutExpired:
             proc.kill()
     assert proc.returncode == 0
+
+
+@pytest.mark.skipif(
+    not (Path(lowbit.__file__).parent / "demo_model" / "config.json").is_file(),
+    reason="the demo model is not in the package",
+)
+def test_demo_model_served_by_default():
+    """With no --model-path the server serves the bundled demo model as 'lowbit-demo'."""
+    openai = pytest.importorskip("openai")
+    from fastapi.testclient import TestClient
+
+    from lowbit.server.app import create_app
+
+    args = launch_server.build_parser().parse_args([])
+    engine = lowbit.Engine(args.model_path, device="cpu")
+    app = create_app(engine, launch_server.served_name(args))
+    with TestClient(app) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http)
+        assert [m.id for m in client.models.list().data] == ["lowbit-demo"]
+        out = client.chat.completions.create(
+            model="lowbit-demo", messages=[{"role": "user", "content": "def add(a, b):"}],
+            max_tokens=4, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        assert out.usage.completion_tokens == 4
+    engine.shutdown()
