@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from quant_settings import FAST
 
 import lowbit
@@ -104,3 +105,20 @@ def test_failed_gate_marks_export_and_exits_nonzero(tiny_llama, tmp_path, capsys
             "--method", "fp8-dynamic", "--max-kl", "1e-9", "--eval-max-tokens", "128"]  # fmt: skip
     assert main(argv) == 3
     assert "quality gate" in capsys.readouterr().err
+
+
+def test_ignore_patterns_keep_modules_unquantized(tiny_llama, tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "out"
+    ignore = ["model.layers.0.mlp.down_proj", "re:.*layers[.]1[.]self_attn[.][qk]_proj$"]
+    report = lowbit.quantize(str(tiny_llama), str(out), "fp8-dynamic", ignore=ignore, **FAST)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    expected = ["lm_head", "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj",
+                "model.layers.1.self_attn.k_proj"]  # fmt: skip
+    assert qc["ignore"] == report["ignored"] == expected
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.mlp.down_proj.weight_scale" not in f.keys()
+        assert f.get_tensor("model.layers.1.self_attn.q_proj.weight").dtype == torch.float32
+        assert f.get_tensor("model.layers.1.self_attn.v_proj.weight").dtype == torch.float8_e4m3fn
+        assert "model.layers.1.self_attn.v_proj.weight_scale" in f.keys()

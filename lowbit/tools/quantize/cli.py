@@ -10,9 +10,25 @@ from lowbit.tools.quantize.methods import METHODS
 from lowbit.tools.quantize.writers import FORMATS
 
 
+def methods_table() -> str:
+    """`--method` choices with their formats and quality-gate thresholds."""
+    lines = ["methods (format choices; gate: max mean KL, max perplexity ratio):"]
+    for m in METHODS.values():
+        lines.append(f"  {m.name:<13} {'|'.join(m.formats):<32} KL<={m.max_kl:<5} "
+                     f"ppl<={m.max_ppl_ratio}x")  # fmt: skip
+    return "\n".join(lines)
+
+
 def add_quantize_parser(sub, func) -> None:
     """Register the `quantize` subcommand on `sub` (argparse subparsers)."""
-    q = sub.add_parser("quantize", help="calibrated offline quantization and export")
+    q = sub.add_parser(
+        "quantize",
+        help="calibrated offline quantization and export",
+        description="Quantize a full-precision checkpoint layer by layer, export it, and gate "
+        "it on held-out text (exit 3 and QUANTIZATION_FAILED in the export when it fails).",
+        epilog=methods_table(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     q.add_argument("--model-path", required=True, help="full-precision HF directory or hub id")
     q.add_argument("--export-dir", required=True, help="where the quantized checkpoint goes")
     q.add_argument("--method", required=True, help=f"one of: {', '.join(METHODS)}")
