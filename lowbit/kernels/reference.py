@@ -223,6 +223,32 @@ def dequant_bnb4(codes: Tensor, absmax: Tensor, table: Tensor, blocksize: int, s
     return (w * absmax.float().repeat_interleave(blocksize)[:n]).reshape(shape)
 
 
+def llm_int8_gemm(
+    x: Tensor, weight: Tensor, scb: Tensor, threshold: float, bias: Tensor | None = None
+) -> Tensor:
+    """bitsandbytes LLM.int8 as its CPU backend computes it, in float16: input columns holding
+    an |x| ≥ threshold (over all rows) multiply the dequantized weight directly; the rest is
+    row-wise absmax int8 × int8 with an int32 accumulator, rescaled by row · SCB / 127²."""
+    K = x.shape[-1]
+    a = x.reshape(-1, K).to(torch.float16)
+    outliers = a.abs() >= threshold if threshold > 0 else torch.zeros_like(a, dtype=torch.bool)
+    cols = outliers.any(0)  # (K,)
+    a0 = a.masked_fill(outliers, 0)
+    row = a0.abs().amax(1).float()  # (M,)
+    q = torch.round(a0 * (127.0 / row[:, None])).to(torch.int8)
+    if a.shape[0] > 1:
+        q[:, cols] = 0
+    acc = (q.float() @ weight.float().t()).to(torch.int32)  # exact: |sum| < 2^24
+    out = acc * (row[:, None] * scb.float()[None, :]) * 6.200124e-05
+    if bias is not None:
+        out = out + bias
+    out = out.to(torch.float16)
+    if bool(cols.any()):
+        sub_w = (weight[:, cols].float() * scb.float()[:, None] / 127.0).to(torch.float16)
+        out = out.addmm(a[:, cols], sub_w.t())
+    return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+
+
 def dense_gemm(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """x (…, K) @ w (N, K)^T in float32, cast back."""
     return _finish(x.float() @ w.float().t(), bias, x.dtype)

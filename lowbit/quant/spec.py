@@ -60,6 +60,7 @@ class ActQuant:
     mode: str  # one of ACT_MODES
     group_size: int | None = None
     qmax: float | None = None  # absmax divisor when the format's differs from the dtype's max
+    threshold: float | None = None  # LLM.int8: |x| at or above it keeps its column in float16
 
     def __str__(self) -> str:
         group = f"{self.group_size}" if self.group_size else ""

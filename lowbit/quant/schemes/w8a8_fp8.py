@@ -14,6 +14,7 @@ from torch import Tensor
 from lowbit.kernels import dispatch, reference
 from lowbit.quant.schemes.common import (
     TORCH_FLOAT8,
+    add_replicated,
     add_shard_scalars,
     loaded_scalars,
     per_row,
@@ -48,6 +49,8 @@ class W8A8Scheme:
             raise ValueError(f"{self.name} has no {g} granularity; use tensor, channel or block")
         if self.act is not None and self.act.mode == "static_tensor":
             add_shard_scalars(layer, "input_scale")
+        if self.spec.pre_quant_scale:  # SmoothQuant factor, multiplied into the input
+            add_replicated(layer, "pre_quant_scale", torch.empty(K, dtype=layer.params_dtype))
 
     def process_weights_after_loading(self, layer) -> None:
         """Scales to float32; per-shard scalars to one scalar when equal, else per-row."""
@@ -68,6 +71,8 @@ class W8A8Scheme:
 
     def apply(self, layer, x: Tensor, bias: Tensor | None) -> Tensor:
         """Per shard when static input scales differ, else one GEMM."""
+        if self.spec.pre_quant_scale:
+            x = x * layer.pre_quant_scale
         xs = getattr(layer, "input_scale", None)
         if xs is None or xs.numel() == 1:
             return self._gemm(x, layer.weight, layer.weight_scale, xs, bias)
