@@ -44,6 +44,10 @@ def capability(index: int = 0) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+# Up to this many tokens the split-K Triton W8A8 kernel beats cuBLAS's FP8 GEMM (bench_gemm).
+FP8_TRITON_MAX_M = 64
+
+
 def fp8_mma_supported(device: torch.device) -> bool:
     """FP8 tensor-core GEMMs need Ada or Hopper (sm_89+)."""
     return device.type == "cuda" and capability(device.index or 0) >= (8, 9)
@@ -109,6 +113,13 @@ def fp8_scaled_mm(
     """
     if not fp8_mma_supported(x.device):
         return _reference("fp8_scaled_mm")(x, weight, weight_scale, input_scale, bias)
+    if use_triton(x.device) and x.numel() // x.shape[-1] <= FP8_TRITON_MAX_M:
+        return _triton("w8a8_gemm", "w8a8_gemm")(x, weight, weight_scale, input_scale, bias)
+    return _fp8_cublas(x, weight, weight_scale, input_scale, bias)
+
+
+def _fp8_cublas(x, weight, weight_scale, input_scale=None, bias=None) -> Tensor:
+    """FP8 W8A8 through torch._scaled_mm (cuBLASLt), per-tensor or row-wise scales."""
     N, K = weight.shape
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
@@ -163,7 +174,7 @@ def int8_gemm(
 ) -> Tensor:
     """INT8 W8A8: per-channel int8 weight, per-token dynamic (or static) int8 activations."""
     if use_triton(x.device):
-        return _triton("int8_gemm", "int8_gemm")(x, weight, weight_scale, input_scale, bias, qmax)
+        return _triton("w8a8_gemm", "w8a8_gemm")(x, weight, weight_scale, input_scale, bias, qmax)
     return _reference("int8_gemm")(x, weight, weight_scale, input_scale, bias, qmax)
 
 

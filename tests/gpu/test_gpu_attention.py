@@ -84,8 +84,8 @@ def test_kv_store_writes_only_its_slots(dev, cache_dtype):
     scale = 2.0 if cache_dtype.itemsize == 1 else 1.0
     dispatch.kv_store(k, v, kc, vc, slots, scale, scale)
     for i, s in ((0, 5), (2, 77)):
-        assert rel_err(kc[s].float() * scale, k[i].float()) < 0.08
-        assert rel_err(vc[s].float() * scale, v[i].float()) < 0.08
+        assert rel_err(kc[s].float() * scale, k[i].float()) < 0.1
+        assert rel_err(vc[s].float() * scale, v[i].float()) < 0.1
     keep = torch.ones(kc.shape[0], dtype=torch.bool)
     keep[[5, 77]] = False
     assert torch.equal(kc[keep].float(), k0[keep].float())

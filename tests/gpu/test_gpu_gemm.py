@@ -16,7 +16,7 @@ MS = [1, 17, 128, 129]
 @pytest.mark.parametrize(
     "bits,group,sym,K,N",
     [(4, 128, False, 384, 136), (4, 128, True, 256, 520), (4, 32, False, 160, 72),
-     (8, 128, True, 384, 132), (4, -1, True, 192, 64)],
+     (8, 128, True, 384, 132), (4, -1, True, 192, 64), (4, 128, False, 2048, 200)],
 )  # fmt: skip
 def test_wna16_gemm(dev, M, bits, group, sym, K, N):
     """W4A16 / W8A16 group-wise, sym and asym, against the dequantized weight."""
@@ -59,11 +59,13 @@ def _fp8(dev):
 @pytest.mark.parametrize("M", MS)
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("static_act", [False, True])
-def test_fp8_scaled_mm(dev, M, per_channel, static_act):
-    """FP8 W8A8 (per-tensor or per-channel weight; dynamic per-token or static activations)."""
+@pytest.mark.parametrize("K", [272, 2048])
+def test_fp8_scaled_mm(dev, M, per_channel, static_act, K):
+    """FP8 W8A8 (per-tensor or per-channel weight; dynamic per-token or static activations);
+    M ≤ 64 runs the split-K Triton kernel, larger M torch._scaled_mm."""
     _fp8(dev)
     gen = torch.Generator().manual_seed(M)
-    K, N = 272, 144
+    N = 144
     w = torch.randn(N, K, generator=gen)
     ws = w.abs().amax(1, keepdim=True) / 448 if per_channel else w.abs().max().reshape(1) / 448
     wq = (w / ws).to(torch.float8_e4m3fn)
@@ -96,10 +98,11 @@ def test_fp8_block_gemm(dev, M):
 
 @pytest.mark.parametrize("M", MS)
 @pytest.mark.parametrize("static_act", [False, True])
-def test_int8_gemm(dev, M, static_act):
+@pytest.mark.parametrize("K", [320, 2048])  # 2048: split-K at small M
+def test_int8_gemm(dev, M, static_act, K):
     """INT8 W8A8 per-channel weight, per-token (or static) activations, bias in the epilogue."""
     gen = torch.Generator().manual_seed(M + 11)
-    K, N = 320, 136
+    N = 136
     w = torch.randn(N, K, generator=gen)
     ws = w.abs().amax(1) / 127
     wq = (w / ws[:, None]).round().clamp(-127, 127).to(torch.int8)

@@ -12,6 +12,7 @@ without AWQ's nibble interleave; GPTQ and compressed-tensors repack into it at l
 Act-order (GPTQ desc_act) checkpoints are handled outside: the scheme sorts K by g_idx once at
 load and passes `perm`, so groups here are always contiguous runs of G along K.
 Small M splits K across programs (partial sums reduced in fp32) so a batch-1 GEMV fills the GPU.
+The group scale multiplies each K tile's partial product, not every weight.
 """
 
 from __future__ import annotations
@@ -22,18 +23,20 @@ import triton.language as tl
 from torch import Tensor
 
 NUM_SMS = 132
+# Above this M the GEMM is compute-bound: dequantize once, then cuBLAS (the fused kernel's
+# batched mma is far from the bf16 peak).
+DEQUANT_MIN_M = 64
 
 
 def _config(M: int, N: int, K: int, group: int) -> tuple[int, int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) by problem size."""
-    bk = min(128, group)
+    bk = min(128, group & -group)  # a power of two dividing G: each K tile sits in one group
     if M <= 16:
-        bm, bn, warps, stages = 16, 64, 4, 4
+        bm, bn, warps, stages = 16, 128, 4, 4
     elif M <= 64:
-        bm, bn, warps, stages = 64, 64, 4, 4
-    else:
-        bm, bn, warps, stages = 128, 128, 8, 3
-        bk = min(64, group)
+        bm, bn, warps, stages = 64, 128, 4, 3
+    else:  # only reached when a caller lowers DEQUANT_MIN_M
+        bm, bn, warps, stages = 64, 128, 8, 3
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
     k_iters = triton.cdiv(K, bk)
     split = 1
@@ -50,19 +53,23 @@ def _wna16_gemm_kernel(
     GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
+    # Each packed word holds P columns n = P·j + i. Rather than shuffling the nibbles apart, the
+    # tile is unpacked into P slices (slice i = columns P·j + i) and multiplied as a batch of P
+    # (BK, BN/P) matrices: one shift and mask per value, no data movement between lanes.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
-    PACK: tl.constexpr = 32 // BITS
+    P: tl.constexpr = 32 // BITS
+    BNP: tl.constexpr = BLOCK_N // P
     MASK: tl.constexpr = (1 << BITS) - 1
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    rnp = pid_n * (BLOCK_N // PACK) + tl.arange(0, BLOCK_N // PACK)  # packed columns
-    shifts = (tl.arange(0, BLOCK_N) % PACK) * BITS
+    rj = pid_n * BNP + tl.arange(0, BNP)  # packed column index
+    ri = tl.arange(0, P)
+    shifts = (ri * BITS)[:, None, None]  # (P, 1, 1)
+    cols = rj[None, :] * P + ri[:, None]  # (P, BNP) output column of slice i, word j
     m_mask = rm < M
-    n_mask = rn < N
-    np_mask = rnp < tl.cdiv(N, PACK)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    j_mask = rj < N // P
+    acc = tl.zeros([P, BLOCK_M, BNP], tl.float32)
     k_tiles = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     for kt in range(pid_k * per_split, tl.minimum((pid_k + 1) * per_split, k_tiles)):
@@ -74,31 +81,57 @@ def _wna16_gemm_kernel(
             other=0.0,
         )  # (BM, BK)
         w = tl.load(
-            qw_ptr + rk[:, None] * stride_qk + rnp[None, :],
-            mask=k_mask[:, None] & np_mask[None, :],
+            qw_ptr + rk[:, None] * stride_qk + rj[None, :],
+            mask=k_mask[:, None] & j_mask[None, :],
             other=0,
-        )  # (BK, BN / PACK) int32
-        # Repeat each word PACK times along N, then shift out each column's bits.
-        w = tl.interleave(w, w)
-        w = tl.interleave(w, w)
-        if PACK == 8:
-            w = tl.interleave(w, w)
-        q = (w >> shifts[None, :]) & MASK  # (BK, BN)
+        )  # (BK, BNP) int32
+        q = (w[None, :, :] >> shifts) & MASK  # (P, BK, BNP)
         g = (kt * BLOCK_K) // GROUP  # BLOCK_K divides GROUP: one group per tile
-        scale = tl.load(s_ptr + g * stride_sg + rn, mask=n_mask, other=0.0)  # (BN,)
         if HAS_ZERO:
-            zw = tl.load(z_ptr + g * stride_zg + rnp, mask=np_mask, other=0)
-            zw = tl.interleave(zw, zw)
-            zw = tl.interleave(zw, zw)
-            if PACK == 8:
-                zw = tl.interleave(zw, zw)
-            zero = (zw >> shifts) & MASK
+            zw = tl.load(z_ptr + g * stride_zg + rj, mask=j_mask, other=0)  # (BNP,)
+            zero = (zw[None, :] >> (ri * BITS)[:, None]) & MASK  # (P, BNP)
         else:
-            zero = tl.full([BLOCK_N], 1 << (BITS - 1), tl.int32)
-        wd = ((q - zero[None, :]).to(tl.float32) * scale[None, :].to(tl.float32)).to(x.dtype)
-        acc += tl.dot(x, wd)
-    out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
-    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+            zero = tl.full([P, BNP], 1 << (BITS - 1), tl.int32)
+        wq = (q - zero[:, None, :]).to(x.dtype)  # small integers, exact in bf16/fp16
+        xb = tl.broadcast_to(x[None, :, :], (P, BLOCK_M, BLOCK_K))
+        scale = tl.load(s_ptr + g * stride_sg + cols, mask=j_mask[None, :], other=0.0)  # (P, BNP)
+        acc += tl.dot(xb, wq) * scale.to(tl.float32)[:, None, :]
+    out = out_ptr + pid_k * stride_os + rm[None, :, None] * stride_om + cols[:, None, :]
+    mask = m_mask[None, :, None] & j_mask[None, None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _wna16_dequant_kernel(
+    qw_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_qk, stride_sg, stride_zg, stride_ok,
+    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):  # fmt: skip
+    # Large M is compute-bound: dequantize W^T once to (K, N) and let cuBLAS do the GEMM.
+    P: tl.constexpr = 32 // BITS
+    BNP: tl.constexpr = BLOCK_N // P
+    MASK: tl.constexpr = (1 << BITS) - 1
+    rk = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    rj = tl.program_id(1) * BNP + tl.arange(0, BNP)
+    ri = tl.arange(0, P)
+    cols = rj[None, :] * P + ri[:, None]  # (P, BNP)
+    k_mask = rk < K
+    j_mask = rj < N // P
+    w = tl.load(qw_ptr + rk[:, None] * stride_qk + rj[None, :],
+                mask=k_mask[:, None] & j_mask[None, :], other=0)  # fmt: skip
+    q = (w[None, :, :] >> (ri * BITS)[:, None, None]) & MASK  # (P, BK, BNP)
+    g = rk // GROUP  # (BK,)
+    gm = k_mask[None, :, None] & j_mask[None, None, :]
+    if HAS_ZERO:
+        zw = tl.load(z_ptr + g[:, None] * stride_zg + rj[None, :],
+                     mask=k_mask[:, None] & j_mask[None, :], other=0)  # fmt: skip
+        zero = (zw[None, :, :] >> (ri * BITS)[:, None, None]) & MASK
+    else:
+        zero = 1 << (BITS - 1)
+    scale = tl.load(s_ptr + g[None, :, None] * stride_sg + cols[:, None, :], mask=gm, other=0.0)
+    wd = (q - zero).to(tl.float32) * scale.to(tl.float32)
+    tl.store(out_ptr + rk[None, :, None] * stride_ok + cols[:, None, :],
+             wd.to(out_ptr.dtype.element_ty), mask=gm)  # fmt: skip
 
 
 def wna16_gemm(
@@ -129,6 +162,7 @@ def wna16_gemm(
     assert K % G == 0 and scales.shape == (K // G, N), (scales.shape, K, N, G)
     assert qzeros is None or qzeros.shape == (K // G, N // P), qzeros.shape
     assert G % 16 == 0, f"group size {G} must be a multiple of 16"
+    assert N % (32 // bits) == 0, f"N={N} must be a multiple of {32 // bits}"
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if perm is not None:
@@ -136,8 +170,19 @@ def wna16_gemm(
         x2 = x2[:, perm]
     x2 = x2.contiguous()
     M = x2.shape[0]
+    if M > DEQUANT_MIN_M:
+        wt = torch.empty(K, N, dtype=x.dtype, device=x.device)
+        _wna16_dequant_kernel[(triton.cdiv(K, 32), triton.cdiv(N, 128))](
+            qweight, scales, qzeros if qzeros is not None else qweight, wt, N, K,
+            qweight.stride(0), scales.stride(0), qzeros.stride(0) if qzeros is not None else 0,
+            wt.stride(0), GROUP=G, BITS=bits, HAS_ZERO=qzeros is not None,
+            BLOCK_N=128, BLOCK_K=32, num_warps=4,
+        )  # fmt: skip
+        y = x2 @ wt
+        if bias is not None:
+            y = y + bias
+        return y.reshape(*lead, N)
     bm, bn, bk, split, warps, stages = _config(M, N, K, G)
-    bk = min(bk, G & -G)  # a power of two dividing G: each K tile sits in one group
     if split == 1:
         out = torch.empty(1, M, N, dtype=x.dtype, device=x.device)
     else:
