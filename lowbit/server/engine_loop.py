@@ -3,7 +3,12 @@
 Only the loop thread calls `add_request`, `step`, `abort` and `release`. Handlers post commands
 to a thread-safe inbox; the loop hands each step's deltas back to the handlers' asyncio queues
 with one `call_soon_threadsafe` per step and event loop, so HTTP work never runs on the engine
-thread and the engine never waits for HTTP. Model time is spent in torch, which releases the GIL.
+thread and the engine never waits for HTTP.
+
+Both threads share the GIL: torch releases it for kernels, but HTTP work (≈0.1 ms of Python per
+streamed chunk) still slows a Python-bound step. tests/server/bench_engine_loop.py measures it;
+`--stream-interval` (fewer, larger chunks) and non-streaming requests (one delivery at the end)
+cut that work. Moving the engine into its own process, as SGLang does, would remove it.
 """
 
 from __future__ import annotations
