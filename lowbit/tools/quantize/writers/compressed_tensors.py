@@ -8,16 +8,23 @@ from torch import Tensor
 from lowbit.kernels.codes import pack_fp4, pack_int32
 from lowbit.tools.quantize.methods import Method
 
-CT_VERSION = "0.12.2"
+CT_VERSION = "0.19.0"
 
 
 def _args(num_bits, typ, strategy, *, symmetric=True, group_size=None, block=None,
           dynamic=False, actorder=None, observer="minmax") -> dict:  # fmt: skip
-    """A QuantizationArgs dict with every field compressed-tensors serializes."""
+    """A QuantizationArgs dict with every field compressed-tensors (0.19) serializes.
+
+    FP4 needs `scale_dtype` float8_e4m3fn, or compressed-tensors leaves dynamic activation block
+    scales unrounded; `zp_dtype` is serialized only for asymmetric args (int8 zero points).
+    """
+    fp4 = typ == "float" and num_bits == 4
     return {
         "num_bits": num_bits, "type": typ, "symmetric": symmetric, "group_size": group_size,
         "strategy": strategy, "block_structure": block, "dynamic": dynamic,
-        "actorder": actorder, "observer": observer, "observer_kwargs": {},
+        "actorder": actorder, "scale_dtype": "torch.float8_e4m3fn" if fp4 else None,
+        "zp_dtype": None if symmetric else "torch.int8", "observer": observer,
+        "observer_kwargs": {},
     }  # fmt: skip
 
 
