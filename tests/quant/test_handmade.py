@@ -1,0 +1,75 @@
+"""Formats no tool here produces on CPU, written by hand per formats.md (tests/quant/writers.py):
+DeepSeek-style block FP8 (`weight_scale_inv`, F32 or F8_E8M0 scales) and AutoFP8 per-tensor
+static FP8. The reference is transformers' model holding the float64-dequantized weights, with the
+format's activation quantization applied in float64 by forward pre-hooks."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lowbit
+from tests.conftest import make_tiny_model
+from tests.quant import writers
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _fake_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x quantized to fp8 with a broadcastable float64 scale, and back."""
+    return (x.double() / scale).clamp(-448, 448).float().to(torch.float8_e4m3fn).double() * scale
+
+
+def _block_act(x: torch.Tensor) -> torch.Tensor:
+    """Dynamic per-token, per-128-channel fp8 (DeepSeek's act_quant)."""
+    g = x.double().reshape(*x.shape[:-1], -1, 128)
+    s = g.abs().amax(-1, keepdim=True).clamp(min=1e-10) / 448
+    return _fake_fp8(g, s).reshape(x.shape).to(x.dtype)
+
+
+@pytest.mark.parametrize("variant", ["block", "block_e8m0", "tensor_static"])
+def test_fp8_checkpoint_written_by_hand(variant, tmp_path):
+    d = tmp_path / variant
+    model = make_tiny_model(d, "llama", head_dim=64, hidden_size=128, intermediate_size=256)
+    sd = load_file(d / "model.safetensors")
+    acts = {}
+    for name in [n for n in sd if n.endswith(".weight") and n.split(".")[-2] in LINEARS]:
+        module = name[: -len(".weight")]
+        w = sd[name]
+        if variant.startswith("block"):
+            t, deq = writers.fp8(w, "block")
+            if variant == "block_e8m0":  # ue8m0 scales: powers of two stored as F8_E8M0
+                p2 = torch.exp2(torch.ceil(torch.log2(t["weight_scale"].double())))
+                q = (w.double() / p2.repeat_interleave(128, 0).repeat_interleave(128, 1))
+                t["weight"] = q.clamp(-448, 448).float().to(torch.float8_e4m3fn)
+                deq = t["weight"].double() * p2.repeat_interleave(128, 0).repeat_interleave(128, 1)
+                t["weight_scale"] = p2.float().to(torch.float8_e8m0fnu)
+            sd[name], sd[f"{module}.weight_scale_inv"] = t["weight"], t["weight_scale"]
+            acts[module] = _block_act
+        else:
+            t, deq = writers.fp8(w, "tensor")
+            xs = torch.tensor(0.02)
+            sd[name], sd[f"{module}.weight_scale"] = t["weight"], t["weight_scale"].reshape(())
+            sd[f"{module}.input_scale"] = xs
+            acts[module] = lambda x, xs=xs: _fake_fp8(x, xs.double()).to(x.dtype)
+        model.get_submodule(module).weight.data = deq.float()
+    save_file(sd, str(d / "model.safetensors"))
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["quantization_config"] = (
+        {"quant_method": "fp8", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+        if variant.startswith("block")
+        else {"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head"]}
+    )
+    (d / "config.json").write_text(json.dumps(cfg))
+    for module, fn in acts.items():
+        model.get_submodule(module).register_forward_pre_hook(lambda m, a, fn=fn: (fn(a[0]),))
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = torch.cat([model(r[None]).logits for r in ids])
+    with lowbit.Engine(model_path=str(d), dtype="float32", device="cpu") as engine:
+        assert engine.quant_plan.method == "fp8"
+        out = engine.logits(ids.tolist())
+    assert float((out - ref).norm() / ref.norm()) < 2e-3
