@@ -43,7 +43,7 @@ def test_fp8_checkpoint_written_by_hand(variant, tmp_path):
             t, deq = writers.fp8(w, "block")
             if variant == "block_e8m0":  # ue8m0 scales: powers of two stored as F8_E8M0
                 p2 = torch.exp2(torch.ceil(torch.log2(t["weight_scale"].double())))
-                q = (w.double() / p2.repeat_interleave(128, 0).repeat_interleave(128, 1))
+                q = w.double() / p2.repeat_interleave(128, 0).repeat_interleave(128, 1)
                 t["weight"] = q.clamp(-448, 448).float().to(torch.float8_e4m3fn)
                 deq = t["weight"].double() * p2.repeat_interleave(128, 0).repeat_interleave(128, 1)
                 t["weight_scale"] = p2.float().to(torch.float8_e8m0fnu)
