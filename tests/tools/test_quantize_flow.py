@@ -122,3 +122,17 @@ def test_ignore_patterns_keep_modules_unquantized(tiny_llama, tmp_path):
         assert f.get_tensor("model.layers.1.self_attn.q_proj.weight").dtype == torch.float32
         assert f.get_tensor("model.layers.1.self_attn.v_proj.weight").dtype == torch.float8_e4m3fn
         assert "model.layers.1.self_attn.v_proj.weight_scale" in f.keys()
+
+
+def test_online_calibrated_checkpoint_is_cached(tiny_llama, tmp_path, monkeypatch):
+    from lowbit.tools.quantize import online
+
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    out = online.calibrated_checkpoint(tiny_llama, "gptq", num_samples=4, seq_len=32,
+                                       progress=False, eval_max_tokens=256)  # fmt: skip
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "gptq" and out.parent == tmp_path / "calibrated"
+    monkeypatch.setattr(api, "calibrate", lambda *a, **k: pytest.fail("calibrated again"))
+    assert online.calibrated_checkpoint(tiny_llama, "gptq", num_samples=4, seq_len=32) == out
+    with pytest.raises(ValueError, match="online calibration supports"):
+        online.calibrated_checkpoint(tiny_llama, "fp8")
