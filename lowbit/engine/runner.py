@@ -72,9 +72,10 @@ class ModelRunner:
         else:
             load_checkpoint(self.model, model_dir, plan, args.show_progress)
         self.generator = torch.Generator(device=self.device).manual_seed(args.seed)
+        # Empty until captured: the KV-sizing warm-up below runs eagerly.
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.num_blocks = self._size_kv_cache()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         if self.device.type == "cuda" and not args.disable_cuda_graph:
             if dispatch.use_triton(self.device):
                 self._capture_graphs()

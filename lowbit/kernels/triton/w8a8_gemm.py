@@ -48,7 +48,10 @@ def _w8a8_gemm_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
     n_mask = rn < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32 if IS_INT else tl.float32)
+    if IS_INT:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
     k_tiles = tl.cdiv(K, BLOCK_K)
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     for kt in range(pid_k * per_split, tl.minimum((pid_k + 1) * per_split, k_tiles)):

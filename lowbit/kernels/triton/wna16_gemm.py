@@ -45,12 +45,21 @@ def _config(M: int, N: int, K: int, group: int) -> tuple[int, int, int, int, int
     return bm, bn, bk, split, warps, stages
 
 
+def _magic(dtype: torch.dtype, bits: int) -> int:
+    """Bit pattern of a float whose ulp is 1 over the code range (0 = convert normally)."""
+    if dtype == torch.float16:
+        return 0x6400  # 1024.0: 10 mantissa bits hold 4- and 8-bit codes
+    if dtype == torch.bfloat16 and bits == 4:
+        return 0x4300  # 128.0: 7 mantissa bits hold 4-bit codes only
+    return 0
+
+
 @triton.jit
 def _wna16_gemm_kernel(
     x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr,
     M, N, K,
     stride_xm, stride_qk, stride_sg, stride_zg, stride_os, stride_om,
-    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
+    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, MAGIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
 ):  # fmt: skip
     # Each packed word holds P columns n = P·j + i. Rather than shuffling the nibbles apart, the
@@ -92,7 +101,14 @@ def _wna16_gemm_kernel(
             zero = (zw[None, :] >> (ri * BITS)[:, None]) & MASK  # (P, BNP)
         else:
             zero = tl.full([P, BNP], 1 << (BITS - 1), tl.int32)
-        wq = (q - zero[:, None, :]).to(x.dtype)  # small integers, exact in bf16/fp16
+        if MAGIC != 0:
+            # Integer → float without a conversion instruction: OR the code into the mantissa
+            # of MAGIC (bf16 128.0 / fp16 1024.0, whose ulp is 1) and subtract MAGIC + zero.
+            wq = (q | MAGIC).to(tl.int16).to(x.dtype, bitcast=True)
+            zq = (zero | MAGIC).to(tl.int16).to(x.dtype, bitcast=True)
+            wq = wq - zq[:, None, :]  # small integers, exact
+        else:
+            wq = (q - zero[:, None, :]).to(x.dtype)
         xb = tl.broadcast_to(x[None, :, :], (P, BLOCK_M, BLOCK_K))
         scale = tl.load(s_ptr + g * stride_sg + cols, mask=j_mask[None, :], other=0.0)  # (P, BNP)
         acc += tl.dot(xb, wq) * scale.to(tl.float32)[:, None, :]
@@ -193,7 +209,7 @@ def wna16_gemm(
         M, N, K,
         x2.stride(0), qweight.stride(0), scales.stride(0),
         qzeros.stride(0) if qzeros is not None else 0, out.stride(0), out.stride(1),
-        GROUP=G, BITS=bits, HAS_ZERO=qzeros is not None,
+        GROUP=G, BITS=bits, HAS_ZERO=qzeros is not None, MAGIC=_magic(x.dtype, bits),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     y = out[0] if split == 1 else out.sum(0).to(x.dtype)
