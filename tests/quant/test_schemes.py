@@ -43,6 +43,8 @@ CASES = {
         17,
     ),
     "awq_w4g64": (_int(4, 64, False, "awq"), lambda: writers.awq(W, 64), 17),
+    "awq_gemv_w4g32": (_int(4, 32, False, "awq_gemv"), lambda: writers.awq_gemv(W, 32), 17),
+    "awq_gemv_w4g128": (_int(4, 128, False, "awq_gemv"), lambda: writers.awq_gemv(W, 128), 16),
     "ct_pack_w4g128_sym": (
         _int(4, 128, True, "ct_pack"),
         lambda: writers.ct_pack(W, 4, 128, True),

@@ -147,3 +147,18 @@ def modelopt_int4(w: Tensor, g: int):
     q = (wg / s[..., None]).round().clamp(-8, 7)
     deq = (q * s[..., None]).reshape(w.shape)
     return {"weight": pack_int4_rows(q.reshape(w.shape).long()), "weight_scale": s.float()}, deq
+
+
+def awq_gemv(w: Tensor, g: int):
+    """AutoAWQ GEMV tensors: along-K packing, groups per row padded to the kernel's width."""
+    from lowbit.quant.schemes.wna16 import gemv_zero_words
+
+    q, z, s, deq = int_rtn(w, 4, g, sym=False)
+    N, ng = s.shape
+    zw = gemv_zero_words(ng, g)
+    zpad = torch.zeros(N, zw * 8, dtype=torch.long)
+    zpad[:, :ng] = z
+    spad = torch.zeros(N, zw * 8, dtype=torch.float16)
+    spad[:, :ng] = s.half()
+    t = {"qweight": pack_int32(q, 4, 1), "qzeros": pack_int32(zpad, 4, 1), "scales": spad}
+    return t, deq

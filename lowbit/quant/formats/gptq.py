@@ -2,7 +2,8 @@
 
 GPTQ: `qweight` (K·b/32, N), `qzeros` (K/G, N·b/32), `scales`, `g_idx`; v1 (`gptq`) stores
 zero − 1, v2 (`gptq_v2`) the zero itself. GPTQModel's `dynamic` maps regexes to per-module
-overrides (`-:` prefix: leave unquantized). AWQ GEMM: `qweight` (K, N/8) with interleaved nibbles.
+overrides (`-:` prefix: leave unquantized). AWQ GEMM: `qweight` (K, N/8) with interleaved nibbles;
+GEMV: `qweight` (N, K/8) packed along K, `qzeros`/`scales` per row with padded group columns.
 Modules that hold a plain float `weight` are unquantized whatever the config says.
 """
 
@@ -64,8 +65,9 @@ def parse_gptq(qcfg: dict, index: TensorIndex) -> FormatResult:
 def parse_awq(qcfg: dict, index: TensorIndex) -> FormatResult:
     """AutoAWQ GEMM specs; `modules_to_not_convert` are substrings."""
     version = str(qcfg.get("version", "gemm")).lower()
-    if version != "gemm":
-        raise ValueError(f"AWQ version {version!r} is not supported; supported: gemm")
+    if version not in ("gemm", "gemv"):
+        raise ValueError(f"AWQ version {version!r} is not supported; supported: gemm, gemv")
+    layout = "awq" if version == "gemm" else "awq_gemv"
     bits = int(qcfg.get("bits", qcfg.get("w_bit", 4)))
     group = int(qcfg.get("group_size", qcfg.get("q_group_size", 128)))
     sym = not qcfg.get("zero_point", True)
@@ -73,5 +75,6 @@ def parse_awq(qcfg: dict, index: TensorIndex) -> FormatResult:
     specs: dict[str, QuantSpec | None] = {}
     for module in linear_modules(index, (".qweight", ".weight")):
         quant = index.has(module, "qweight") and not any(substring_match(module, s) for s in skip)
-        specs[module] = int_spec(bits, group, sym, "awq") if quant else None
-    return FormatResult("awq", f"AWQ GEMM int{bits} group{group}", specs, ("awq", "awq_marlin"))
+        specs[module] = int_spec(bits, group, sym, layout) if quant else None
+    kind = f"AWQ {version.upper()} int{bits} group{group}"
+    return FormatResult("awq", kind, specs, ("awq", "awq_marlin"))

@@ -1,6 +1,6 @@
 """Weight-only integer quantization (W2/3/4/8 A16): group- or channel-wise, sym or zero-point.
 
-AWQ (GEMM), GPTQ v1/v2 (any of 2/3/4/8 bits, act-order), compressed-tensors pack-quantized,
+AWQ (GEMM, GEMV), GPTQ v1/v2 (any of 2/3/4/8 bits, act-order), compressed-tensors pack-quantized,
 ModelOpt INT4-AWQ and auto-round all load in their own layout, then repack once into ONE
 canonical layout that `kernels.dispatch.wna16_gemm` (Triton on CUDA, reference on CPU) reads:
 
@@ -34,7 +34,14 @@ from lowbit.kernels.codes import (
 from lowbit.quant.schemes.common import add_replicated, num_shards, swap_params
 from lowbit.quant.spec import QuantSpec
 
-LAYOUTS = ("gptq", "gptq_v2", "awq", "ct_pack", "modelopt_int4")
+LAYOUTS = ("gptq", "gptq_v2", "awq", "awq_gemv", "ct_pack", "modelopt_int4")
+
+
+def gemv_zero_words(groups: int, group_size: int) -> int:
+    """AutoAWQ GEMV's qzeros width: ceil(groups / 8) rounded up to 1, 2 or 4 words."""
+    mult = 1 if group_size >= 128 else 2 if group_size == 64 else 4
+    words = math.ceil(groups / 8)
+    return math.ceil(words / mult) * mult
 
 
 class WNA16Scheme:
@@ -62,6 +69,12 @@ class WNA16Scheme:
             layer.add_param("qweight", torch.empty(K, N // 8, dtype=i32), output_dim=1)
             layer.add_param("qzeros", torch.empty(ng, N // 8, dtype=i32), output_dim=1)
             layer.add_param("scales", torch.empty(ng, N, dtype=layer.params_dtype), output_dim=1)
+        elif s.layout == "awq_gemv":  # packed along K, groups along the row, zero padded
+            zw = gemv_zero_words(ng, self.group)
+            layer.add_param("qweight", torch.empty(N, K // 8, dtype=i32), output_dim=0)
+            layer.add_param("qzeros", torch.empty(N, zw, dtype=i32), output_dim=0)
+            scales = torch.empty(N, zw * 8, dtype=layer.params_dtype)
+            layer.add_param("scales", scales, output_dim=0)
         elif s.layout == "ct_pack":
             pf = 32 // b
             layer.add_param("weight_packed", torch.empty(N, -(-K // pf), dtype=i32), output_dim=0)
@@ -119,6 +132,13 @@ class WNA16Scheme:
         if s.layout == "awq":
             codes, zeros = awq_unpack(layer.qweight.data, N), awq_unpack(layer.qzeros.data, N)
             return codes, self._sym(zeros), layer.scales.data, None, ["qweight", "qzeros", "scales"]
+        if s.layout == "awq_gemv":
+            ng = -(-K // self.group)
+            codes = unpack_int32(layer.qweight.data, 4, 1, K).t()  # (K, N)
+            zeros = unpack_int32(layer.qzeros.data, 4, 1, ng).t()  # (ng, N)
+            scales = layer.scales.data[:, :ng].t()
+            drop = ["qweight", "qzeros", "scales"]
+            return codes.contiguous(), self._sym(zeros.contiguous()), scales, None, drop
         if s.layout == "ct_pack":
             self._check_shapes(layer)
             codes = unpack_int32(layer.weight_packed.data, b, 1, K).t()  # (K, N), offset +2^(b-1)
