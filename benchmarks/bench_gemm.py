@@ -31,8 +31,8 @@ def _weights(scheme: str, N: int, K: int) -> tuple[dict, int]:
     d = "cuda"
     if scheme == "bf16":
         w = {"w": torch.randn(N, K, device=d, dtype=torch.bfloat16) * 0.02}
-    elif scheme in ("w4a16", "w8a16"):
-        bits = 4 if scheme == "w4a16" else 8
+    elif scheme.split(":")[0] in ("w4a16", "w8a16"):
+        bits = 4 if scheme.startswith("w4a16") else 8
         P = 32 // bits
         w = {
             "qweight": torch.randint(-(2**31), 2**31 - 1, (K, N // P), device=d, dtype=torch.int32),
@@ -62,7 +62,9 @@ def _weights(scheme: str, N: int, K: int) -> tuple[dict, int]:
 
 
 def _call(scheme: str, x, w):
-    """Run one GEMM."""
+    """Run one GEMM ("w4a16:warps=8,stages=2" tries a W4A16 launch config for small M)."""
+    if ":" in scheme:
+        return _with_wna16_config(scheme, x, w)
     if scheme == "bf16":
         return F.linear(x, w["w"])
     if scheme in ("w4a16", "w8a16"):
@@ -77,6 +79,34 @@ def _call(scheme: str, x, w):
     if scheme == "fp8-block":
         return dispatch.fp8_block_gemm(x, w["w"], w["s"])
     return dispatch.int8_gemm(x, w["w"], w["s"])
+
+
+def _with_wna16_config(scheme: str, x, w):
+    """W4A16 with the small-M launch config overridden (a tuning probe, not a dispatch path)."""
+    import lowbit.kernels.triton.wna16_gemm as mod
+
+    base, spec = scheme.split(":")
+    over = {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
+    saved = mod._config
+
+    def config(M, N, K, G):
+        bm, bn, bk, split, warps, stages = saved(M, N, K, G)
+        bk = over.get("bk", bk)
+        split = over.get("split", split)
+        return (
+            bm,
+            over.get("bn", bn),
+            bk,
+            split,
+            over.get("warps", warps),
+            over.get("stages", stages),
+        )
+
+    mod._config = config
+    try:
+        return _call(base, x, w)
+    finally:
+        mod._config = saved
 
 
 def bench(scheme: str, name: str, N: int, K: int, M: int) -> dict:
@@ -100,7 +130,7 @@ def bench(scheme: str, name: str, N: int, K: int, M: int) -> dict:
     del graph
     flops = 2 * M * N * K
     nbytes = wbytes + 2 * M * (K + N)
-    peak = PEAK_BF16 if scheme in ("bf16", "w4a16", "w8a16") else PEAK_8BIT
+    peak = PEAK_BF16 if scheme.split(":")[0] in ("bf16", "w4a16", "w8a16") else PEAK_8BIT
     floor_s = max(flops / peak, nbytes / PEAK_BW)
     return {
         "shape": name, "N": N, "K": K, "M": M, "scheme": scheme, "us": ms * 1e3,

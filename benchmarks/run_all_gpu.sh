@@ -23,11 +23,11 @@ for stage in $STAGES; do
   case $stage in
     tests) timeout ${TESTS_TIMEOUT:-180} $PY -m pytest -q -m gpu tests/gpu -p no:cacheprovider -rfE 2>&1 \
              | tee "$OUT/tests.log" | tail -40 ;;
-    gemm) timeout ${GEMM_TIMEOUT:-150} $PY benchmarks/bench_gemm.py --out "$OUT" 2>&1 | tee "$OUT/gemm.log" \
+    gemm) timeout ${GEMM_TIMEOUT:-150} $PY benchmarks/bench_gemm.py --out "$OUT" ${GEMM_ARGS:-} 2>&1 | tee "$OUT/gemm.log" \
             | grep -v "^{" ;;
     decode) timeout ${DECODE_TIMEOUT:-240} $PY benchmarks/bench_decode.py --out "$OUT" ${DECODE_ARGS:-} 2>&1 \
               | tee "$OUT/decode.log" ;;
-    throughput) timeout ${THROUGHPUT_TIMEOUT:-150} $PY benchmarks/bench_throughput.py --out "$OUT" 2>&1 \
+    throughput) timeout ${THROUGHPUT_TIMEOUT:-150} $PY benchmarks/bench_throughput.py --out "$OUT" ${THROUGHPUT_ARGS:-} 2>&1 \
                   | tee "$OUT/throughput.log" | tail -8 ;;
   esac
 done
