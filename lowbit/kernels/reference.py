@@ -226,11 +226,12 @@ def dequant_bnb4(codes: Tensor, absmax: Tensor, table: Tensor, blocksize: int, s
 def llm_int8_gemm(
     x: Tensor, weight: Tensor, scb: Tensor, threshold: float, bias: Tensor | None = None
 ) -> Tensor:
-    """bitsandbytes LLM.int8 as its CPU backend computes it, in float16: input columns holding
-    an |x| ≥ threshold (over all rows) multiply the dequantized weight directly; the rest is
-    row-wise absmax int8 × int8 with an int32 accumulator, rescaled by row · SCB / 127²."""
+    """bitsandbytes LLM.int8 as its CPU backend computes it: the input, cast to float16, has its
+    outlier columns (an |x| ≥ threshold in any row) taken out and multiplied in x's dtype by the
+    dequantized weight; the rest is row-wise absmax int8 × int8, rescaled by row · SCB / 127²."""
     K = x.shape[-1]
-    a = x.reshape(-1, K).to(torch.float16)
+    xf = x.reshape(-1, K)
+    a = xf.to(torch.float16)
     outliers = a.abs() >= threshold if threshold > 0 else torch.zeros_like(a, dtype=torch.bool)
     cols = outliers.any(0)  # (K,)
     a0 = a.masked_fill(outliers, 0)
@@ -239,14 +240,13 @@ def llm_int8_gemm(
     if a.shape[0] > 1:
         q[:, cols] = 0
     acc = (q.float() @ weight.float().t()).to(torch.int32)  # exact: |sum| < 2^24
-    out = acc * (row[:, None] * scb.float()[None, :]) * 6.200124e-05
+    out = (acc * (row[:, None] * scb.float()[None, :]) * 6.200124e-05).to(x.dtype)
     if bias is not None:
         out = out + bias
-    out = out.to(torch.float16)
     if bool(cols.any()):
-        sub_w = (weight[:, cols].float() * scb.float()[:, None] / 127.0).to(torch.float16)
-        out = out.addmm(a[:, cols], sub_w.t())
-    return out.to(x.dtype).reshape(*x.shape[:-1], -1)
+        sub_w = (weight[:, cols].float() * scb.float()[:, None] / 127.0).to(x.dtype)
+        out = out.addmm(xf[:, cols], sub_w.t())
+    return out.reshape(*x.shape[:-1], -1)
 
 
 def dense_gemm(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
