@@ -49,6 +49,28 @@ def int_params(w: Tensor, bits: int, sym: bool, scale_dtype: torch.dtype):
     return scale, zero
 
 
+def int_params_mse(w: Tensor, bits: int, sym: bool, scale_dtype, grid: int = 20,
+                   max_shrink: float = 0.2, norm: float = 2.4):  # fmt: skip
+    """Like int_params, but shrink each row-group's range by the factor (1 → 1 - max_shrink)
+    minimizing Σ|Q(w) - w|^norm (GPTQ's `mse` option); w (..., G) → scale, zero (...,)."""
+    best_s, best_z = int_params(w, bits, sym, scale_dtype)
+    best_err = _qerr(w, best_s, best_z, bits, norm)
+    for i in range(1, grid + 1):
+        p = 1 - max_shrink * i / grid
+        s, z = int_params(w * p, bits, sym, scale_dtype)
+        err = _qerr(w, s, z, bits, norm)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s, best_z = torch.where(better, s, best_s), torch.where(better, z, best_z)
+    return best_s, best_z
+
+
+def _qerr(w: Tensor, s: Tensor, z: Tensor, bits: int, norm: float) -> Tensor:
+    """Σ over the last dim of |dequant(quant(w)) - w|^norm."""
+    q = int_codes(w, s[..., None], z[..., None], bits)
+    return ((q - z[..., None]) * s[..., None] - w).abs().pow(norm).sum(-1)
+
+
 def int_codes(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
     """codes = clamp(round(w / s) + z, 0, 2^b - 1), broadcasting s and z against w."""
     return (torch.round(w / scale) + zero).clamp(0, 2**bits - 1)
