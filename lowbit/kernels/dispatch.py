@@ -44,8 +44,11 @@ def capability(index: int = 0) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-# Up to this many tokens the split-K Triton W8A8 kernel beats cuBLAS's FP8 GEMM (bench_gemm).
-FP8_TRITON_MAX_M = 64
+# Up to this many tokens FP8 W8A8 may take the split-K Triton W8A8 kernel instead of cuBLAS.
+# 0 until a GPU run confirms it: its FP8 build failed on the H100 (a masked-load fill value,
+# fixed since but not yet re-run). Set to 64 once `pytest -m gpu -k w8a8_triton_fp8` passes
+# there; its INT8 twin beats cuBLAS FP8 by 1.2-1.7x at M <= 16 (benchmarks/RESULTS.md).
+FP8_TRITON_MAX_M = 0
 
 
 def fp8_mma_supported(device: torch.device) -> bool:

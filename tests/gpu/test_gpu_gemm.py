@@ -79,6 +79,24 @@ def test_fp8_scaled_mm(dev, M, per_channel, static_act, K):
 
 
 @pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("K", [272, 2048])
+def test_w8a8_triton_fp8(dev, M, K):
+    """The split-K Triton W8A8 kernel on FP8 weights (dispatch's small-M FP8 path when enabled)."""
+    _fp8(dev)
+    from lowbit.kernels.triton.w8a8_gemm import w8a8_gemm
+
+    gen = torch.Generator().manual_seed(M + K)
+    N = 144
+    w = torch.randn(N, K, generator=gen)
+    ws = w.abs().amax(1) / 448
+    wq = (w / ws[:, None]).to(torch.float8_e4m3fn)
+    x = torch.randn(M, K, generator=gen)
+    y = w8a8_gemm(x.to(dev, ACT_DTYPE), wq.to(dev), ws.to(dev))
+    ref = x.double() @ (wq.double() * ws.double()[:, None]).t()
+    assert y.shape == (M, N) and rel_err(y, ref) < 4e-2
+
+
+@pytest.mark.parametrize("M", MS)
 def test_fp8_block_gemm(dev, M):
     """128×128 block FP8 with N not a multiple of the block."""
     _fp8(dev)

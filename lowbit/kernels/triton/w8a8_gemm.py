@@ -57,16 +57,16 @@ def _w8a8_gemm_kernel(
     for kt in range(pid_k * per_split, tl.minimum((pid_k + 1) * per_split, k_tiles)):
         rk = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         k_mask = rk < K
-        x = tl.load(
-            x_ptr + rm[:, None] * stride_xm + rk[None, :],
-            mask=m_mask[:, None] & k_mask[None, :],
-            other=0,
-        )  # (BM, BK) 8-bit
-        w = tl.load(
-            w_ptr + rn[None, :] * stride_wn + rk[:, None],
-            mask=n_mask[None, :] & k_mask[:, None],
-            other=0,
-        )  # (BK, BN) 8-bit
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]  # (BM, BK) 8-bit
+        w_ptrs = w_ptr + rn[None, :] * stride_wn + rk[:, None]  # (BK, BN) 8-bit
+        x_mask = m_mask[:, None] & k_mask[None, :]
+        w_mask = n_mask[None, :] & k_mask[:, None]
+        if IS_INT:
+            x = tl.load(x_ptrs, mask=x_mask, other=0)
+            w = tl.load(w_ptrs, mask=w_mask, other=0)
+        else:  # fp8 pointers take a float fill value
+            x = tl.load(x_ptrs, mask=x_mask, other=0.0)
+            w = tl.load(w_ptrs, mask=w_mask, other=0.0)
         acc += tl.dot(x, w)
     xs = tl.load(xs_ptr + rm * stride_xsm, mask=m_mask, other=0.0)
     ws = tl.load(ws_ptr + rn, mask=n_mask, other=0.0)
