@@ -95,15 +95,24 @@ def parse(qcfg: dict, index: TensorIndex) -> FormatResult:
             else ["modelopt_fp8"]
         )
     kind = f"ModelOpt {'/'.join(sorted(algos)) or s['algo']}"
-    return FormatResult("modelopt", kind, specs, tuple(accepts), convert=_convert)
+    block = any(a == "FP8_PB_WO" for a in algos)
+    convert = _convert_block if block else _convert
+    return FormatResult("modelopt", kind, specs, tuple(accepts), convert=convert)
 
 
 def _convert(name: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
-    """Shapes ModelOpt writes differently: per-channel scale (N,) → (N, 1); block scale
-    (N/128, 1, K/128, 1) → (N/128, K/128)."""
-    if name.endswith(".weight_scale"):
-        if tensor.dim() == 1 and tensor.dtype.is_floating_point and tensor.element_size() > 1:
+    """Per-channel FP8 scales are written (N,): the scheme reads (N, 1)."""
+    if name.endswith(".weight_scale") and tensor.dim() == 1:
+        if tensor.dtype.is_floating_point and tensor.element_size() > 1:
             tensor = tensor.reshape(-1, 1)
-        elif tensor.dim() == 4:
+    return [(name, tensor)]
+
+
+def _convert_block(name: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+    """FP8_PB_WO block scales (N/128, 1, K/128, 1) → (N/128, K/128); a single block is a scalar."""
+    if name.endswith(".weight_scale"):
+        if tensor.dim() == 4:
             tensor = tensor.reshape(tensor.shape[0], tensor.shape[2])
+        elif tensor.dim() == 0:
+            tensor = tensor.reshape(1, 1)
     return [(name, tensor)]
