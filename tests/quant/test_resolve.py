@@ -109,6 +109,7 @@ def test_mixed_precision_specs(tmp_path):
         ("modelopt_fp8", "modelopt"),
         ("gptq_w3g32", "gptq"),
         ("ct_w8a16", "compressed-tensors"),
+        ("autoround_awq_w4g32", "auto-round"),  # an AWQ export by auto-round
     ],
 )
 def test_compatible_overrides_accepted(name, flag, tmp_path):

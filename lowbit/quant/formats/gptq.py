@@ -59,7 +59,7 @@ def parse_gptq(qcfg: dict, index: TensorIndex) -> FormatResult:
         )
         bits_seen.add(int(cfg["bits"]))
     kind = f"GPTQ {fmt} int{'/'.join(map(str, sorted(bits_seen)))}"
-    return FormatResult("gptq", kind, specs, ("gptq", "gptq_marlin"))
+    return FormatResult("gptq", kind, specs, ("gptq", "gptq_marlin") + _auto_round(qcfg))
 
 
 def parse_awq(qcfg: dict, index: TensorIndex) -> FormatResult:
@@ -77,4 +77,9 @@ def parse_awq(qcfg: dict, index: TensorIndex) -> FormatResult:
         quant = index.has(module, "qweight") and not any(substring_match(module, s) for s in skip)
         specs[module] = int_spec(bits, group, sym, layout) if quant else None
     kind = f"AWQ {version.upper()} int{bits} group{group}"
-    return FormatResult("awq", kind, specs, ("awq", "awq_marlin"))
+    return FormatResult("awq", kind, specs, ("awq", "awq_marlin") + _auto_round(qcfg))
+
+
+def _auto_round(qcfg: dict) -> tuple[str, ...]:
+    """auto-round's GPTQ/AWQ exports (provider auto-round) also answer to its own names."""
+    return ("auto-round", "auto_round", "inc") if qcfg.get("provider") == "auto-round" else ()
