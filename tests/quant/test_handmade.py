@@ -1,6 +1,6 @@
 """Formats no tool here produces on CPU, written by hand per formats.md (tests/quant/writers.py):
-DeepSeek-style block FP8 (`weight_scale_inv`, F32 or F8_E8M0 scales) and AutoFP8 per-tensor
-static FP8. The reference is transformers' model holding the float64-dequantized weights, with the
+DeepSeek-style block FP8 (`weight_scale_inv`, F32 or F8_E8M0 scales), AutoFP8 per-tensor
+static FP8, and ModelOpt NVFP4 (W4A16 and W4A4; ModelOpt quantizes NVFP4 only on CUDA). The reference is transformers' model holding the float64-dequantized weights, with the
 format's activation quantization applied in float64 by forward pre-hooks."""
 
 from __future__ import annotations
@@ -71,5 +71,49 @@ def test_fp8_checkpoint_written_by_hand(variant, tmp_path):
         ref = torch.cat([model(r[None]).logits for r in ids])
     with lowbit.Engine(model_path=str(d), dtype="float32", device="cpu") as engine:
         assert engine.quant_plan.method == "fp8"
+        out = engine.logits(ids.tolist())
+    assert float((out - ref).norm() / ref.norm()) < 2e-3
+
+
+def _nvfp4_act(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tensor:
+    """ModelOpt NVFP4 activations in float64: fp8 block scales amax16 / (6 · input_scale)."""
+    g = x.double().reshape(*x.shape[:-1], -1, 16)
+    bs = (g.abs().amax(-1, keepdim=True) / (6 * input_scale)).float().to(torch.float8_e4m3fn)
+    scale = bs.double() * input_scale
+    safe = torch.where(scale == 0, torch.ones_like(scale), scale)
+    mags = torch.tensor(writers.E2M1, dtype=torch.float64)
+    v = (g / safe).clamp(-6, 6)
+    idx = (v.abs()[..., None] - mags).abs().argmin(-1)  # nearest; ties are measure-zero here
+    return (torch.copysign(mags[idx], v) * scale).reshape(x.shape).to(x.dtype)
+
+
+@pytest.mark.parametrize("algo", ["W4A16_NVFP4", "NVFP4"])
+def test_modelopt_nvfp4_written_by_hand(algo, tmp_path):
+    """ModelOpt NVFP4 needs CUDA to produce; this checkpoint follows formats.md §5.4 instead."""
+    d = tmp_path / algo
+    model = make_tiny_model(d, "llama", head_dim=64, hidden_size=128, intermediate_size=256)
+    sd = load_file(d / "model.safetensors")
+    for name in [n for n in sd if n.endswith(".weight") and n.split(".")[-2] in LINEARS]:
+        module = name[: -len(".weight")]
+        t, deq = writers.nvfp4(sd[name], modelopt=True)
+        sd[name] = t["weight"]
+        sd[f"{module}.weight_scale"] = t["weight_scale"]
+        sd[f"{module}.weight_scale_2"] = t["weight_scale_2"].reshape(())
+        model.get_submodule(module).weight.data = deq.float()
+        if algo == "NVFP4":
+            xs = torch.tensor(0.004)
+            sd[f"{module}.input_scale"] = xs
+            model.get_submodule(module).register_forward_pre_hook(
+                lambda m, a, xs=xs: (_nvfp4_act(a[0], xs.double()),)
+            )
+    save_file(sd, str(d / "model.safetensors"))
+    quant = {"quant_algo": algo, "group_size": 16, "exclude_modules": ["lm_head"]}
+    hf = {"producer": {"name": "modelopt", "version": "0.47.0"}, "quantization": quant}
+    (d / "hf_quant_config.json").write_text(json.dumps(hf))
+    ids = torch.randint(3, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = torch.cat([model(r[None]).logits for r in ids])
+    with lowbit.Engine(model_path=str(d), dtype="float32", device="cpu") as engine:
+        assert engine.quant_plan.method == "modelopt"
         out = engine.logits(ids.tolist())
     assert float((out - ref).norm() / ref.norm()) < 2e-3
