@@ -183,6 +183,7 @@ def main() -> int:
         rows.append({"case": label, "lowbit_s": lb_secs, "llmcompressor_s": lc_secs,
                      "lowbit": score(src, lb_out, held),
                      "llmcompressor": score(src, lc_out, held)})  # fmt: skip
+    (work / "results.json").write_text(json.dumps(rows, indent=2))  # llm-compressor logs to stdout
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
