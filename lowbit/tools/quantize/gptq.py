@@ -68,7 +68,8 @@ def gptq_quantize(
         perm = torch.argsort(torch.diag(H), descending=True)
         W, H = W[:, perm], H[perm][:, perm]
     # group of the column at each (possibly permuted) position
-    gcol = (perm if act_order == "static" else torch.arange(K, device=W.device)) // G
+    # (a Python list: indexing a device tensor per column would sync the GPU K times)
+    gcol = ((perm if act_order == "static" else torch.arange(K, device=W.device)) // G).tolist()
     H += damp * torch.mean(torch.diag(H)) * torch.eye(K, device=H.device)
     Hinv = _upper_inverse_cholesky(H)
 
@@ -85,7 +86,7 @@ def gptq_quantize(
                 src = torch.cat([W1[:, i : i + G], W[:, i2 : i2 + max(0, G - (i2 - col))]], 1)
                 s, z = int_params_mse(src, bits, sym, scale_dtype)  # (N,)
                 scale[:, col // G], zero[:, col // G] = s, z
-            g = int(gcol[col])
+            g = gcol[col]
             s, z = scale[:, g], zero[:, g]
             q = int_codes(W1[:, i], s, z, bits)
             codes[:, col] = q
