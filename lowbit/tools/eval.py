@@ -134,12 +134,12 @@ def evaluate(model: Scorer, wins: list[list[int]], reference: Scorer | None = No
         for i, (h, r) in enumerate(zip(hs, ref_hs)):
             err_num[i] += (h - r).pow(2).sum().item()
             err_den[i] += r.pow(2).sum().item()
-    nll_t = torch.cat(nll)
+    nll_t = torch.cat(nll).double()  # float64 sums: float32 means hide small ppl changes
     res = EvalResult(num_tokens=int(nll_t.numel()), perplexity=math.exp(nll_t.mean().item()))
     if reference is not None:
         kl = torch.cat(kls)
-        res.reference_perplexity = math.exp(torch.cat(ref_nll).mean().item())
-        res.kl_mean = kl.mean().item()
+        res.reference_perplexity = math.exp(torch.cat(ref_nll).double().mean().item())
+        res.kl_mean = kl.double().mean().item()
         res.kl_p99 = torch.quantile(kl, 0.99).item()
         res.top1_agreement = torch.cat(agree).mean().item()
         res.layer_rel_error = [math.sqrt(n / max(d, 1e-30)) for n, d in zip(err_num, err_den)]
