@@ -61,6 +61,7 @@ class ShardWriter:
         self.size += nbytes
 
     def _flush(self) -> None:
+        """Write the buffered tensors as the next shard (named when all are known)."""
         idx = len(self.shards)
         path = self.out / f"shard-{idx}.tmp"
         save_file(self.buf, str(path), metadata={"format": "pt"})

@@ -12,6 +12,7 @@ PRODUCER = {"name": "modelopt", "version": "0.29.0"}
 
 
 def _algo(method: Method) -> str:
+    """ModelOpt's quant_algo name."""
     return "NVFP4" if method.weight == "nvfp4" else "FP8"
 
 
