@@ -75,6 +75,12 @@ def test_interrupted_run_leaves_no_valid_looking_export(tiny_llama, tmp_path, mo
     with pytest.raises(KeyboardInterrupt):
         lowbit.quantize(str(tiny_llama), str(out), "w4a16-rtn", **FAST)
     _no_export(tmp_path, out)
+    # A run killed outright leaves its hidden temp dir; the next run clears it.
+    killed = tmp_path / ".out.tmp-999999999"
+    (killed / "sub").mkdir(parents=True)
+    monkeypatch.setattr(api, "write_export", real)
+    lowbit.quantize(str(tiny_llama), str(out), "w4a16-rtn", **FAST)
+    assert not killed.exists() and (out / "quantization_report.json").is_file()
 
 
 def test_restored_calibration_gives_identical_export(tiny_llama, tmp_path):

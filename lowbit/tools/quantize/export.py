@@ -23,8 +23,26 @@ _SKIP_FILES = {"config.json", "model.safetensors.index.json", "quantization_repo
                "hf_quant_config.json", "QUANTIZATION_FAILED"}  # fmt: skip
 
 
+def _alive(pid: int) -> bool:
+    """Whether process `pid` still runs."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def temp_dir_for(dst: Path) -> Path:
-    """A fresh temporary directory next to `dst` (same filesystem, so rename is atomic)."""
+    """A fresh temporary directory next to `dst` (same filesystem, so rename is atomic).
+
+    Leftovers of killed runs (`.DST.tmp-PID` whose process is gone) are removed first.
+    """
+    for old in dst.parent.glob(f".{dst.name}.tmp-*"):
+        pid = old.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(old, ignore_errors=True)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
