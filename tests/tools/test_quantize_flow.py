@@ -142,3 +142,12 @@ def test_online_calibrated_checkpoint_is_cached(tiny_llama, tmp_path, monkeypatc
     assert online.calibrated_checkpoint(tiny_llama, "gptq", num_samples=4, seq_len=32) == out
     with pytest.raises(ValueError, match="online calibration supports"):
         online.calibrated_checkpoint(tiny_llama, "fp8")
+
+
+def test_source_must_be_full_precision(tiny_llama, tmp_path):
+    first = tmp_path / "first"
+    lowbit.quantize(str(tiny_llama), str(first), "w4a16-rtn", **FAST)
+    with pytest.raises(ValueError, match="already quantized"):
+        lowbit.quantize(str(first), str(tmp_path / "second"), "w4a16-rtn", **FAST)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        lowbit.quantize(str(tmp_path / "nowhere"), str(tmp_path / "third"), "w4a16-rtn", **FAST)
