@@ -23,7 +23,8 @@ def quantization_config(method: Method, opts, ignored: list[str]) -> dict:
         "damp_percent": 0.01, "true_sequential": False,
         "static_groups": opts.act_order == "static", "checkpoint_format": fmt,
         "format": fmt, "pack_dtype": "int32", "lm_head": False,
-        "dynamic": {f"-:{name.replace('.', '[.]')}$": {} for name in ignored} or None,
+        # GPTQ never quantizes lm_head (`lm_head: false`); other skipped modules are `-:` rules.
+        "dynamic": {f"-:{n.replace('.', '[.]')}$": {} for n in ignored if n != "lm_head"} or None,
         "meta": {"quantizer": ["lowbit:0.1.0"], "damp_percent": 0.01},
     }  # fmt: skip
 
