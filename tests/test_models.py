@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import ARCHS, make_tiny_model
+from tiny import ARCHS, make_tiny_model
 
 import lowbit
 

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gpu
 @pytest.fixture(scope="module")
 def bf16_llama(tmp_path_factory):
     """A tiny bf16 Llama (head_dim 32, GQA) saved to disk."""
-    from conftest import make_tiny_model  # tests/conftest.py
+    from tiny import make_tiny_model
 
     path = tmp_path_factory.mktemp("gpu_llama")
     make_tiny_model(path, "llama", dtype=torch.bfloat16)

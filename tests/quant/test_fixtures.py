@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny import make_tokenizer
 
 import lowbit
-from tests.conftest import make_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent / "fixtures" / "quant"
 FIXTURES = sorted(p.name for p in ROOT.iterdir() if (p / "reference.pt").is_file())

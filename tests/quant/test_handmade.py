@@ -1,6 +1,7 @@
 """Formats no tool here produces on CPU, written by hand per formats.md (tests/quant/writers.py):
 DeepSeek-style block FP8 (`weight_scale_inv`, F32 or F8_E8M0 scales), AutoFP8 per-tensor
-static FP8, and ModelOpt NVFP4 (W4A16 and W4A4; ModelOpt quantizes NVFP4 only on CUDA). The reference is transformers' model holding the float64-dequantized weights, with the
+static FP8, and ModelOpt NVFP4 (W4A16 and W4A4; ModelOpt quantizes NVFP4 only on CUDA).
+The reference is transformers' model holding the float64-dequantized weights, with the
 format's activation quantization applied in float64 by forward pre-hooks."""
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny import make_tiny_model
 
 import lowbit
-from tests.conftest import make_tiny_model
 from tests.quant import writers
 
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

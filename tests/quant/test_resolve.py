@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny import make_tokenizer
 
 import lowbit
 from lowbit.config import ModelConfig
@@ -17,7 +18,6 @@ from lowbit.quant.formats.base import TensorIndex, ct_match, substring_match, wi
 from lowbit.quant.formats.gptq import dynamic_override
 from lowbit.quant.inspect import format_plan
 from lowbit.quant.resolve import resolve_plan
-from tests.conftest import make_tokenizer
 
 ROOT = Path(__file__).resolve().parent.parent / "fixtures" / "quant"
 
@@ -132,7 +132,7 @@ def test_incompatible_override_names_checkpoint_and_fix(name, flag, words, tmp_p
 
 def test_full_precision_flags(tmp_path):
     d = tmp_path / "fp"
-    from tests.conftest import make_tiny_model
+    from tiny import make_tiny_model
 
     make_tiny_model(d)
     cfg = ModelConfig.from_dir(d)

@@ -115,7 +115,7 @@ def main() -> None:
     os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the server process
     if args.model_path is None:
         sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-        from conftest import make_tiny_model
+        from tiny import make_tiny_model
 
         args.model_path = tempfile.mkdtemp()
         h = args.hidden

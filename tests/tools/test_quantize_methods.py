@@ -11,9 +11,9 @@ import json
 
 import pytest
 import torch
-from conftest import make_tiny_model
 from quant_settings import FAST
 from safetensors import safe_open
+from tiny import make_tiny_model
 
 import lowbit
 from lowbit.tools.quantize.calibrate import CalibState
