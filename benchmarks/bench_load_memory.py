@@ -89,7 +89,8 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/load_memory.json")
     ap.add_argument("--methods", nargs="*", default=[
         "bf16", "quantization=fp8", "quantization=w8a8_int8", "quantization=w4a16",
-        "torchao_config=int8wo", "torchao_config=int4wo-128", "torchao_config=fp8dq-per_row",
+        "quantization=bitsandbytes", "torchao_config=int8wo", "torchao_config=int8dq",
+        "torchao_config=int4wo-128", "torchao_config=fp8dq-per_row",
     ])  # fmt: skip
     args = ap.parse_args()
     rows = {}

@@ -6,12 +6,14 @@ import argparse
 import json
 import sys
 
+from lowbit.config import QUANT_HELP, TORCHAO_HELP
+
 
 def _engine_flags(p: argparse.ArgumentParser) -> None:
     """Flags shared by subcommands that load a model (SGLang's names)."""
     p.add_argument("--model-path", default=None, help="HF directory or hub id (default: demo)")
-    p.add_argument("--quantization", default=None)
-    p.add_argument("--torchao-config", default=None)
+    p.add_argument("--quantization", default=None, help=QUANT_HELP)
+    p.add_argument("--torchao-config", default=None, help=TORCHAO_HELP)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default=None)
     p.add_argument("--kv-cache-dtype", default="auto")
@@ -100,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--seq-len", type=int, default=512, help="window length")
     ev.add_argument("--dtype", default="auto")
     ev.add_argument("--device", default=None)
+    ev.add_argument(
+        "--quantization",
+        default=None,
+        help="quantize --model online (fp8, w8a8_int8, w4a16, …) before evaluating",
+    )
+    ev.add_argument("--torchao-config", default=None, help="or quantize --model with torchao")
     ev.add_argument("--json", action="store_true", help="print JSON instead of a table")
     ev.set_defaults(func=_eval)
     from lowbit.tools.quantize.cli import add_quantize_parser

@@ -32,6 +32,17 @@ _ARCH_BY_MODEL_TYPE = {
 }
 
 
+QUANT_HELP = (
+    "default: detected from the checkpoint. On a full-precision checkpoint, quantize while "
+    "loading: fp8, w8a8_fp8, w8a8_int8, w4a16, bitsandbytes (or gptq / awq: calibrated once, "
+    "cached). On a quantized one: its method or a compatible override (e.g. w8a8_fp8)"
+)
+TORCHAO_HELP = (
+    "torchao online quantization: int8dq, int8wo, fp8wo, fp8dq-per_tensor, fp8dq-per_row, "
+    "int4wo-32/64/128/256"
+)
+
+
 @dataclass(frozen=True)
 class EngineArgs:
     """Every engine option; the CLI, the server and `lowbit.Engine` all build one of these."""

@@ -10,7 +10,7 @@ import socket
 import sys
 from pathlib import Path
 
-from lowbit.config import KV_CACHE_DTYPES, LOAD_FORMATS, EngineArgs
+from lowbit.config import KV_CACHE_DTYPES, LOAD_FORMATS, QUANT_HELP, TORCHAO_HELP, EngineArgs
 
 DEMO_MODEL_NAME = "lowbit-demo"
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -28,11 +28,9 @@ def build_parser(prog: str = "python -m lowbit.launch_server") -> argparse.Argum
     m.add_argument(
         "--quantization",
         default=None,
-        help="quantization method (default: detected from the checkpoint)",
+        help=QUANT_HELP,
     )
-    m.add_argument(
-        "--torchao-config", default=None, help="torchao online quantization, e.g. int4wo-128"
-    )
+    m.add_argument("--torchao-config", default=None, help=TORCHAO_HELP)
     m.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     m.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     m.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)

@@ -39,9 +39,8 @@ SIDE_FILES = (
     "hf_quant_config.json",
     "quantization_config.json",
 )
-# Online methods (full-precision checkpoints quantized while loading) register a plan factory.
-ONLINE: dict[str, Callable[[Path, ModelConfig], QuantPlan]] = {}
-ONLINE_PLANNED = ("fp8", "w8a8_fp8", "w8a8_int8", "int8", "int4", "wna16", "awq", "gptq")
+# `--quantization gptq|awq` on a full-precision checkpoint: calibrated first (tools.quantize.online)
+CALIBRATED = ("gptq", "awq")
 # Tensors some producers write that no lowbit parameter holds.
 UNUSED_SUFFIXES = (".q_scale", ".prob_output_scale", "q_proj.output_scale", ".weight_format")
 
@@ -113,13 +112,16 @@ def _full_precision(model_dir: Path, cfg: ModelConfig, quantization: str | None)
     """Unquantized, or an online method's plan."""
     if quantization is None:
         return QuantPlan()
+    from lowbit.quant.online import METHODS, online_plan
+
     name = quantization.lower()
-    if name in ONLINE:
-        return ONLINE[name](model_dir, cfg)
-    if name in ONLINE_PLANNED:
+    if name in METHODS:
+        return online_plan(name)
+    if name in CALIBRATED:
         raise ValueError(
-            f"online quantization {quantization} is not available yet: {model_dir} "
-            "is full precision; use a pre-quantized checkpoint or --torchao-config"
+            f"--quantization {name} on the full-precision {model_dir} needs calibration: "
+            f"lowbit.tools.quantize.online.calibrated_checkpoint(model_dir, {name!r}) (the Engine "
+            "and the server call it for you)"
         )
     if name in PARSERS:
         raise ValueError(
@@ -129,7 +131,8 @@ def _full_precision(model_dir: Path, cfg: ModelConfig, quantization: str | None)
         )
     raise ValueError(
         f"unknown --quantization {quantization!r}; pre-quantized methods: "
-        f"{sorted(PARSERS)}; online: {sorted(ONLINE) or 'none yet'}"
+        f"{sorted(PARSERS)}; online: {sorted(METHODS)} (+ {list(CALIBRATED)} with calibration); "
+        "or --torchao-config"
     )
 
 

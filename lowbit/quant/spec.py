@@ -157,6 +157,9 @@ class QuantPlan:
     chosen: dict[str, QuantScheme] = field(default_factory=dict)  # layer prefix → its scheme
     sources: dict[str, list[str]] = field(default_factory=dict)  # layer prefix → checkpoint modules
 
+    def prepare(self, device, dtype) -> None:
+        """Called by the runner before the model is built; online plans learn where to quantize."""
+
     def scheme_for(self, prefix: str, sources: list[str]) -> QuantScheme:
         """The scheme for the linear layer at `prefix`, fused from the checkpoint's `sources`."""
         specs = [self.spec_of(s) for s in sources]

@@ -148,6 +148,9 @@ class TorchaoPlan:
         self.description = f"torchao {name} (online, applied while loading)"
         self.name = name
 
+    def prepare(self, device, dtype) -> None:
+        """Nothing to learn: TorchaoScheme stages weights on the default device."""
+
     def scheme_for(self, prefix: str, sources: list[str]):
         """TorchaoScheme for decoder linears, unquantized for lm_head."""
         if prefix == "lm_head":

@@ -167,11 +167,14 @@ def run_eval(
     seq_len: int = 512,
     dtype: str = "auto",
     device: str | None = None,
+    quantization: str | None = None,
+    torchao_config: str | None = None,
 ) -> EvalResult:
-    """Load `model` (and `reference`) with lowbit and evaluate them on held-out text."""
+    """Load `model` (quantized online if asked) and `reference` with lowbit; evaluate both."""
     from lowbit import Engine
 
-    engine = Engine(model_path=model, dtype=dtype, device=device)
+    engine = Engine(model_path=model, dtype=dtype, device=device, quantization=quantization,
+                    torchao_config=torchao_config)  # fmt: skip
     ref_engine = Engine(model_path=reference, dtype=dtype, device=device) if reference else None
     try:
         seq_len = min(seq_len, engine.context_length - 1)
@@ -187,6 +190,7 @@ def run_eval(
 def eval_main(args) -> int:
     """`lowbit eval` entry: print a table or JSON."""
     res = run_eval(args.model, args.reference, args.data, args.max_tokens, args.seq_len,
-                   args.dtype, args.device)  # fmt: skip
+                   args.dtype, args.device, getattr(args, "quantization", None),
+                   getattr(args, "torchao_config", None))  # fmt: skip
     print(json.dumps(res.to_dict(), indent=2) if args.json else res.table())
     return 0

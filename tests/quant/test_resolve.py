@@ -137,8 +137,9 @@ def test_full_precision_flags(tmp_path):
     make_tiny_model(d)
     cfg = ModelConfig.from_dir(d)
     assert resolve_plan(d, cfg).method is None
-    with pytest.raises(ValueError, match="online quantization fp8 is not available yet"):
-        resolve_plan(d, cfg, "fp8")
+    assert resolve_plan(d, cfg, "fp8").method == "fp8"  # online (tests/test_online_quant.py)
+    with pytest.raises(ValueError, match="gptq on the full-precision .* needs calibration"):
+        resolve_plan(d, cfg, "gptq")
     with pytest.raises(ValueError, match="needs a modelopt checkpoint"):
         resolve_plan(d, cfg, "modelopt")
     with pytest.raises(ValueError, match="unknown --quantization 'nope'"):

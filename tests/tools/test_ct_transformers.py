@@ -37,7 +37,7 @@ def test_transformers_loads_compressed_tensors_export(tiny_llama, tmp_path, meth
         # our fp32 run, so compare the activation quantizer itself, on the same input, exactly.
         from compressed_tensors.quantization.lifecycle.forward import forward_quantize
 
-        from lowbit.tools.quantize.numerics import fake_quant_activation
+        from lowbit.quant.numerics import fake_quant_activation
 
         lin = hf.model.layers[0].mlp.down_proj
         x = torch.randn(4, lin.in_features, generator=torch.Generator().manual_seed(0))

@@ -19,16 +19,16 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from lowbit.tools.quantize.awq import awq_layer
-from lowbit.tools.quantize.gptq import Hessian, gptq_quantize
-from lowbit.tools.quantize.methods import Method
-from lowbit.tools.quantize.numerics import (
+from lowbit.quant.numerics import (
     dequantize,
     nvfp4_global_scale,
     quantize_fp8,
     quantize_int,
     quantize_nvfp4,
 )
+from lowbit.tools.quantize.awq import awq_layer
+from lowbit.tools.quantize.gptq import Hessian, gptq_quantize
+from lowbit.tools.quantize.methods import Method
 from lowbit.tools.quantize.smoothquant import smooth_layer
 from lowbit.tools.quantize.source import SourceModel, fused_group, linear_modules
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lowbit.tools.quantize.numerics import int_codes, int_params_mse
+from lowbit.quant.numerics import int_codes, int_params_mse
 
 
 class Hessian:

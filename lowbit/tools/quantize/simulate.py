@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from lowbit.tools.quantize.numerics import dequantize, fake_quant_activation
+from lowbit.quant.numerics import dequantize, fake_quant_activation
 
 
 def fake_quant_model(

@@ -1,0 +1,215 @@
+"""Online quantization: `--quantization fp8 | w8a8_fp8 | w8a8_int8 | w4a16 | bitsandbytes`.
+
+A full-precision checkpoint is quantized tensor by tensor as it streams in. Each linear weight
+(lm_head, embeddings and norms stay full precision) is cast to the model dtype and quantized on
+the target device a few thousand rows at a time, straight into a checkpoint layout the runtime
+schemes already read — so an online model runs on exactly the kernels of the matching
+pre-quantized checkpoint:
+
+  fp8, w8a8_fp8  e4m3 weights, one scale per output channel (amax / 448), per-token dynamic e4m3
+                 activations → `w8a8_fp8` scheme (layout of a per-channel FP8 checkpoint)
+  w8a8_int8      int8 weights per output channel and per-token dynamic int8 activations, both
+                 amax / 127.5 with codes in [-128, 127] (torchao's symmetric) → `w8a8_int8`
+  w4a16          uint4 codes, group 128 along the input, asymmetric (scale = (max − min) / 15,
+                 integer zero point; torchao's ASYMMETRIC affine), model-dtype scales → GPTQ v2
+                 layout → `wna16` (the AWQ/GPTQ runtime)
+  bitsandbytes   nf4 codes, one float32 absmax per 64 consecutive elements (row-major), no
+                 double quantization — what vLLM/transformers do in flight → `bnb`
+
+Only a chunk of rows is ever full precision on the device, so the peak during load is the
+quantized weights plus one chunk (and the tensor being read, on the CPU).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from lowbit.kernels import dispatch
+from lowbit.kernels.codes import NF4_VALUES, pack_int32
+from lowbit.quant.numerics import int_params, quantize_fp8
+from lowbit.quant.spec import ActQuant, PerChannel, PerGroup, QuantPlan, QuantSpec
+
+logger = logging.getLogger(__name__)
+
+W4_GROUP = 128
+BNB_BLOCK = 64
+CHUNK_ELEMENTS = 1 << 24  # float32 rows quantized at once: 64 MiB of scratch
+_FP8_ACT = ActQuant("fp8_e4m3", "dynamic_token")
+# torchao's symmetric per-token int8: s = amax / 127.5, codes in [-128, 127]
+_INT8_ACT = ActQuant("int8", "dynamic_token", qmax=127.5)
+
+
+@dataclass(frozen=True)
+class OnlineMethod:
+    """One online method: the spec its modules get and how a float32 row chunk is quantized.
+
+    `quantize(w)` takes rows (n, K) float32 and returns {param: tensor}; `cat_dims[param]` is
+    the dimension along which chunks of that param concatenate (the layout's output dim).
+    """
+
+    name: str
+    spec: QuantSpec
+    quantize: Callable[[Tensor, torch.dtype], dict[str, Tensor]]
+    cat_dims: dict[str, int]
+    row_multiple: int = 1  # chunks start at multiples of this many rows (packing along N)
+    check: Callable[[int, int], str | None] = lambda n, k: None  # why (N, K) cannot, or None
+
+
+def _fp8(w: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
+    """e4m3 codes and a (n, 1) float32 scale per row."""
+    r = quantize_fp8(w, "channel")
+    return {"weight": r["codes"], "weight_scale": r["scale"]}
+
+
+def _int8(w: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Symmetric int8 per row: s = amax / 127.5, codes round(w / s) in [-128, 127]."""
+    scale = (w.abs().amax(1, keepdim=True) / 127.5).clamp_min(1e-12)
+    codes = torch.round(w / scale).clamp(-128, 127).to(torch.int8)
+    return {"weight": codes, "weight_scale": scale}
+
+
+def _w4a16(w: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Asymmetric uint4 per 128 inputs, as GPTQ v2 tensors: qweight (K/8, n), qzeros (ng, n/8)."""
+    n, K = w.shape
+    wg = w.reshape(n, K // W4_GROUP, W4_GROUP)
+    scale, zero = int_params(wg, 4, sym=False, scale_dtype=dtype)  # (n, ng) each
+    codes = (torch.round(wg / scale[..., None]) + zero[..., None]).clamp(0, 15).reshape(n, K)
+    return {
+        "qweight": pack_int32(codes.t(), 4, dim=0),
+        "qzeros": pack_int32(zero.t(), 4, dim=1),
+        "scales": scale.t().to(dtype).contiguous(),
+    }
+
+
+def _nf4(w: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
+    """bitsandbytes nf4: blocks of 64 (row-major), absmax-normalized, nearest table entry."""
+    blocks = w.reshape(-1, BNB_BLOCK)
+    absmax = blocks.abs().amax(1)
+    norm = blocks / absmax.clamp_min(1e-12)[:, None]
+    table = torch.tensor(NF4_VALUES, device=w.device)
+    codes = torch.bucketize(norm, (table[1:] + table[:-1]) / 2).to(torch.uint8).reshape(-1)
+    packed = (codes[0::2] << 4) | codes[1::2]  # first element in the high nibble
+    return {"weight": packed.reshape(-1, 1), "weight_absmax": absmax.float()}
+
+
+def _w4_check(n: int, k: int) -> str | None:
+    if k % W4_GROUP:
+        return f"in_features {k} is not a multiple of the group size {W4_GROUP}"
+    if n % 8:
+        return f"out_features {n} is not a multiple of 8 (int4 codes pack 8 to a word)"
+    return None
+
+
+_W8 = {"weight": 0, "weight_scale": 0}
+METHODS: dict[str, OnlineMethod] = {
+    m.name: m
+    for m in (
+        OnlineMethod("fp8", QuantSpec("fp8_e4m3", PerChannel(), "fp8", act=_FP8_ACT), _fp8, _W8),
+        OnlineMethod(
+            "w8a8_fp8", QuantSpec("fp8_e4m3", PerChannel(), "fp8", act=_FP8_ACT), _fp8, _W8
+        ),
+        OnlineMethod(
+            "w8a8_int8",
+            QuantSpec("int8", PerChannel(), "int8", act=_INT8_ACT),
+            _int8,
+            _W8,
+        ),
+        OnlineMethod(
+            "w4a16",
+            QuantSpec("int4", PerGroup(W4_GROUP), "gptq_v2", symmetric=False),
+            _w4a16,
+            {"qweight": 1, "qzeros": 1, "scales": 1},
+            row_multiple=8,
+            check=_w4_check,
+        ),
+        OnlineMethod(
+            "bitsandbytes",
+            QuantSpec("nf4", PerGroup(BNB_BLOCK), "bnb4", scale_dtype="fp32"),
+            _nf4,
+            {"weight": 0, "weight_absmax": 0},
+            check=lambda n, k: None if k % BNB_BLOCK == 0 else f"in_features {k} % 64 != 0",
+        ),
+    )
+}
+
+
+def is_quantized_module(name: str) -> bool:
+    """Every linear of the decoder; lm_head stays full precision."""
+    return not name.split(".")[-1] == "lm_head"
+
+
+class OnlinePlan(QuantPlan):
+    """A QuantPlan whose `rename` quantizes each full-precision linear weight as it arrives."""
+
+    def __init__(self, method: OnlineMethod):
+        spec = method.spec
+        super().__init__(
+            method=method.name,
+            description=f"{method.name} (online, quantized while loading): {spec}",
+            spec_of=lambda name: self.spec if is_quantized_module(name) else None,
+            rename=self._quantize_tensor,
+        )
+        self.online = method
+        self.spec = spec
+        self.device = torch.device("cpu")
+        self.dtype = torch.float32
+
+    def prepare(self, device, dtype) -> None:
+        """Quantize on `device` from `dtype` weights; fp8 activations need fp8 tensor cores."""
+        self.device, self.dtype = torch.device(device), dtype
+        act = self.spec.act
+        if act is not None and act.dtype.startswith("fp8") and self.device.type == "cuda":
+            if not dispatch.fp8_mma_supported(self.device):
+                logger.warning(
+                    "--quantization %s: this GPU has no fp8 tensor cores (needs SM 8.9+); "
+                    "running fp8 weight-only (activations stay in %s)",
+                    self.online.name,
+                    dtype,
+                )
+                self.spec = replace(self.spec, act=None)
+
+    def _quantize_tensor(self, name: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
+        """`<linear>.weight` → the layout's tensors; everything else passes through."""
+        module, _, param = name.rpartition(".")
+        if param != "weight" or tensor.dim() != 2 or not self._is_linear(module):
+            return [(name, tensor)]
+        return [(f"{module}.{k}", v) for k, v in self.quantize(tensor, module).items()]
+
+    @staticmethod
+    def _is_linear(module: str) -> bool:
+        """Linear projections of decoder layers (embeddings and lm_head are not quantized)."""
+        return ".layers." in module and is_quantized_module(module)
+
+    def quantize(self, weight: Tensor, module: str = "weight") -> dict[str, Tensor]:
+        """Quantize a (N, K) full-precision weight chunk by chunk on the plan's device."""
+        m = self.online
+        N, K = weight.shape
+        if not weight.dtype.is_floating_point or weight.dtype.itemsize == 1:
+            raise ValueError(
+                f"{module}: --quantization {m.name} quantizes full-precision weights, but this "
+                f"one is {weight.dtype}; is the checkpoint already quantized?"
+            )
+        reason = m.check(N, K)
+        if reason:
+            raise ValueError(f"{module} ({N}×{K}) cannot take --quantization {m.name}: {reason}")
+        step = max(m.row_multiple, CHUNK_ELEMENTS // K // m.row_multiple * m.row_multiple)
+        parts: dict[str, list[Tensor]] = {}
+        for r0 in range(0, N, step):
+            rows = weight[r0 : r0 + step].to(self.device, self.dtype).float()
+            for k, v in m.quantize(rows, self.dtype).items():
+                parts.setdefault(k, []).append(v)
+            del rows
+        out = {k: torch.cat(v, m.cat_dims[k]) if len(v) > 1 else v[0] for k, v in parts.items()}
+        if m.name == "bitsandbytes":
+            out["weight_quant_map"] = torch.tensor(NF4_VALUES, device=self.device)
+        return out
+
+
+def online_plan(name: str) -> OnlinePlan:
+    """The plan for `--quantization name` on a full-precision checkpoint."""
+    return OnlinePlan(METHODS[name])
