@@ -67,12 +67,6 @@ class Engine:
             plan = resolve_plan(self.model_dir, cfg, quantization, None)
         self.quant_plan = plan
         self.runner = ModelRunner(self.args, cfg, plan, self.model_dir)
-        if self.args.kv_cache_dtype.startswith("fp8") and not getattr(plan, "kv_scales", None):
-            logger.warning(
-                "kv_cache_dtype=%s but the checkpoint has no KV-cache scales: using scale 1.0 "
-                "(accurate while |k|, |v| stay within the fp8 range)",
-                self.args.kv_cache_dtype,
-            )
         self.allocator = BlockAllocator(self.runner.num_blocks, self.args.block_size)
         self.scheduler = Scheduler(
             self.allocator, self.args.max_running_requests, self.args.max_num_batched_tokens

@@ -17,6 +17,13 @@ import torch
 from torch import Tensor
 
 from lowbit.config import DTYPES, EngineArgs, ModelConfig
+from lowbit.engine.kv_scales import (
+    CALIBRATION_MAX_TOKENS,
+    CALIBRATION_TEXT,
+    kv_amax,
+    resolve_kv_scales,
+)
+from lowbit.engine.tokenizer import load_tokenizer
 from lowbit.kernels import dispatch
 from lowbit.layers.attention import (
     AttentionMetadata,
@@ -74,6 +81,8 @@ class ModelRunner:
         self.generator = torch.Generator(device=self.device).manual_seed(args.seed)
         # Empty until captured: the KV-sizing warm-up below runs eagerly.
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        # Fixed here, before any cache exists and before graph capture: graphs hold these floats.
+        self.kv_scales = self._kv_scales(plan, model_dir)
         self.num_blocks = self._size_kv_cache()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
         if self.device.type == "cuda" and not args.disable_cuda_graph:
@@ -128,16 +137,43 @@ class ModelRunner:
         del caches
         torch.cuda.synchronize(self.device)
 
-    def _allocate_kv_cache(self, num_blocks: int) -> list[KVCache]:
-        """One (slots, Hkv, D) k and v tensor per layer."""
+    def _allocate_kv_cache(
+        self, num_blocks: int, dtype: torch.dtype | None = None
+    ) -> list[KVCache]:
+        """One (slots, Hkv, D) k and v tensor per layer with the layer's scales (fp8 only)."""
+        dtype = dtype or self.kv_dtype
         shape = (num_blocks * self.block_size, self.cfg.num_kv_heads, self.cfg.head_dim)
+        scales = self.kv_scales if dtype.itemsize == 1 else [(1.0, 1.0)] * self.cfg.num_layers
         return [
             KVCache(
-                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
-                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                torch.zeros(shape, dtype=dtype, device=self.device),
+                torch.zeros(shape, dtype=dtype, device=self.device),
+                k_scale,
+                v_scale,
             )
-            for _ in range(self.cfg.num_layers)
+            for k_scale, v_scale in scales
         ]
+
+    def _kv_scales(self, plan: QuantPlan, model_dir: Path) -> list[tuple[float, float]]:
+        """Per-layer (k_scale, v_scale): the checkpoint's, else calibrated (engine/kv_scales.py)."""
+        return resolve_kv_scales(
+            self.kv_dtype,
+            self.args.kv_cache_dtype,
+            getattr(plan, "kv_scales", {}),  # torchao plans carry none
+            self.cfg.num_layers,
+            lambda: self._calibration_amax(model_dir),
+        )
+
+    def _calibration_amax(self, model_dir: Path) -> dict[int, tuple[float, float]]:
+        """Max |k|, |v| per layer over one prefill of the calibration text (compute-dtype cache)."""
+        ids = load_tokenizer(model_dir)(CALIBRATION_TEXT)["input_ids"]
+        n = min(len(ids), CALIBRATION_MAX_TOKENS, self.cfg.max_position_embeddings)
+        blocks = -(-n // self.block_size)
+        caches = self._allocate_kv_cache(blocks, self.dtype)
+        with kv_amax(self.model) as amax:
+            ids_t = torch.tensor(ids[:n], dtype=torch.long, device=self.device)
+            self.forward(ids_t, [n], [n], [list(range(blocks))], caches, logits_at=[n - 1])
+        return {layer: tuple(a.tolist()) for layer, a in amax.items()}
 
     # ---- CUDA graphs for decode ----
 

@@ -42,7 +42,9 @@ class AttentionMetadata:
 class KVCache:
     """One layer's paged cache: k and v of shape (num_slots, Hkv, D), slot = block·bs + offset.
 
-    With an fp8 cache dtype, values are stored as `x / scale` in fp8 and read back times scale.
+    With an fp8 cache dtype, values are stored as `x / scale` in fp8 (saturated to the largest
+    finite value, as the Triton store does) and read back times scale. The scales are the layer's,
+    fixed before the cache is allocated (engine/kv_scales.py); 1.0 for other dtypes.
     """
 
     k: Tensor
@@ -64,9 +66,10 @@ class KVCache:
 
 
 def _to_cache(x: Tensor, dtype: torch.dtype, scale: float) -> Tensor:
-    """Compute dtype → cache dtype (scaled only for fp8)."""
+    """Compute dtype → cache dtype (scaled and saturated only for fp8)."""
     if dtype.itemsize == 1:
-        return (x.float() / scale).to(dtype)
+        top = torch.finfo(dtype).max  # a plain cast overflows e5m2 to inf
+        return (x.float() / scale).clamp(-top, top).to(dtype)
     return x.to(dtype)
 
 
