@@ -45,7 +45,7 @@ def write_checkpoint(path: Path, layers: int) -> int:
     kv = cfg.num_key_value_heads * cfg.head_dim
     rnd = lambda *s: (torch.randn(*s, device="cuda") * 0.02).to(torch.bfloat16).cpu()
     ones = torch.ones(H, dtype=torch.bfloat16)
-    embed = {"model.embed_tokens.weight": rnd(V, H), "model.norm.weight": ones}
+    embed = {"model.embed_tokens.weight": rnd(V, H), "model.norm.weight": ones.clone()}
     save_file({**embed, "lm_head.weight": rnd(V, H)}, path / "model-embed.safetensors")
     for i in range(layers):
         p = f"model.layers.{i}."
@@ -54,7 +54,8 @@ def write_checkpoint(path: Path, layers: int) -> int:
             p + "self_attn.v_proj.weight": rnd(kv, H), p + "self_attn.o_proj.weight": rnd(H, H),
             p + "mlp.gate_proj.weight": rnd(inter, H), p + "mlp.up_proj.weight": rnd(inter, H),
             p + "mlp.down_proj.weight": rnd(H, inter),
-            p + "input_layernorm.weight": ones, p + "post_attention_layernorm.weight": ones,
+            p + "input_layernorm.weight": ones.clone(),
+            p + "post_attention_layernorm.weight": ones.clone(),
         }, path / f"model-{i:03d}.safetensors")  # fmt: skip
     return V * H * 2
 

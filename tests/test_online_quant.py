@@ -337,3 +337,22 @@ def test_gptq_on_a_full_precision_checkpoint_calibrates_once(tiny_llama, tmp_pat
         again = engine.generate([[1, 5, 9]], {"max_new_tokens": 4})[0].outputs[0].token_ids
     assert (made / "quantization_report.json").stat().st_mtime_ns == stamp
     assert first == again
+
+
+def test_schemes_that_cannot_replay_in_a_graph_say_so():
+    """A per-tensor dynamic activation scale spans the padded rows of a CUDA-graph bucket, so
+    those schemes declare themselves graph-unsafe (the runner then runs eagerly, with a warning)."""
+    from lowbit.quant.schemes.w8a8_fp8 import W8A8Scheme
+    from lowbit.quant.spec import PerTensor, make_scheme
+    from lowbit.quant.torchao import TorchaoScheme
+
+    def spec(mode):
+        return online.QuantSpec(
+            "fp8_e4m3", PerTensor(), "fp8", act=online.ActQuant("fp8_e4m3", mode)
+        )
+
+    assert not W8A8Scheme(spec("dynamic_tensor")).cuda_graph_safe
+    assert W8A8Scheme(spec("dynamic_token")).cuda_graph_safe
+    assert make_scheme(online.METHODS["fp8"].spec).cuda_graph_safe
+    assert not TorchaoScheme("fp8dq-per_tensor").cuda_graph_safe
+    assert TorchaoScheme("fp8dq-per_row").cuda_graph_safe

@@ -24,7 +24,7 @@ from lowbit.engine.sampler import SampleRow, sample
 from lowbit.engine.scheduler import Scheduler
 from lowbit.engine.tokenizer import Detokenizer, StopChecker, chat_ids, load_tokenizer
 from lowbit.loader.weights import resolve_model_path
-from lowbit.quant.resolve import resolve_plan
+from lowbit.quant.resolve import CALIBRATED, detect, resolve_plan
 
 logger = logging.getLogger(__name__)
 
@@ -60,6 +60,9 @@ class Engine:
         )  # fmt: skip
         self.model_dir = resolve_model_path(self.args.model_path, self.args.revision)
         self.model_config = cfg = ModelConfig.from_dir(self.model_dir)
+        if quantization in CALIBRATED and detect(self.model_dir, cfg) is None:
+            self.model_dir = self._calibrate(quantization)
+            self.model_config = cfg = ModelConfig.from_dir(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
         if torchao_config is not None:
             plan = self._torchao_plan(cfg, torchao_config)
@@ -77,6 +80,15 @@ class Engine:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self._requests: dict[str, list[Sequence]] = {}
         self._pending: list[StreamDelta] = []
+
+    def _calibrate(self, quantization: str):
+        """GPTQ/AWQ on a full-precision checkpoint: calibrate once into a cached checkpoint."""
+        from lowbit.tools.quantize.online import calibrated_checkpoint
+
+        logger.info("--quantization %s on a full-precision checkpoint: calibrating", quantization)
+        return calibrated_checkpoint(
+            self.model_dir, quantization, device=self.args.device, progress=self.args.show_progress
+        )
 
     def _torchao_plan(self, cfg: ModelConfig, name: str):
         """torchao quantizes full-precision checkpoints only, with a string this device can run."""

@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from lowbit.config import DTYPES, EngineArgs, ModelConfig
 from lowbit.engine.kv_scales import (
@@ -32,6 +32,7 @@ from lowbit.layers.attention import (
     kernel_slots,
     padded_tables,
 )
+from lowbit.layers.linear import LinearBase
 from lowbit.loader.loader import build_model, init_dummy_weights, load_checkpoint
 from lowbit.quant.spec import QuantPlan
 
@@ -64,6 +65,14 @@ def pick_dtype(name: str, cfg: ModelConfig, device: torch.device) -> torch.dtype
     return cfg.torch_dtype
 
 
+def graph_unsafe(model: nn.Module) -> str | None:
+    """The first linear scheme that declares itself not CUDA-graph safe, described, or None."""
+    for module in model.modules():
+        if isinstance(module, LinearBase) and not getattr(module.scheme, "cuda_graph_safe", True):
+            return module.scheme.describe()
+    return None
+
+
 class ModelRunner:
     """Runs batches of (sequence, new tokens) through the model over a paged KV cache."""
 
@@ -73,6 +82,9 @@ class ModelRunner:
         self.dtype = pick_dtype(args.dtype, cfg, self.device)
         self.block_size = args.block_size
         torch.manual_seed(args.seed)
+        if self.device.type == "cuda":  # KV sizing reads the peak of this engine's load only
+            torch.cuda.reset_peak_memory_stats(self.device)
+        plan.prepare(self.device, self.dtype)  # online methods quantize on this device
         self.model = build_model(cfg, plan, self.dtype, self.device)
         if args.load_format == "dummy":
             init_dummy_weights(self.model, plan, args.seed)
@@ -86,8 +98,13 @@ class ModelRunner:
         self.num_blocks = self._size_kv_cache()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
         if self.device.type == "cuda" and not args.disable_cuda_graph:
-            if dispatch.use_triton(self.device):
-                self._capture_graphs()
+            unsafe = graph_unsafe(self.model)
+            if unsafe:
+                logger.warning(
+                    "CUDA graphs are off: %s cannot be captured; running eagerly", unsafe
+                )
+            elif dispatch.use_triton(self.device):
+                self._capture_or_eager()
             else:
                 logger.warning("CUDA graphs need Triton's attention kernels; running eagerly")
 
@@ -176,6 +193,15 @@ class ModelRunner:
         return {layer: tuple(a.tolist()) for layer, a in amax.items()}
 
     # ---- CUDA graphs for decode ----
+
+    def _capture_or_eager(self) -> None:
+        """Capture decode graphs; a scheme whose kernels refuse capture leaves decode eager."""
+        try:
+            self._capture_graphs()
+        except RuntimeError as e:  # torch raises RuntimeError for ops illegal under capture
+            self.graphs.clear()
+            torch.cuda.synchronize(self.device)
+            logger.warning("CUDA graph capture failed (%s); decode runs eagerly", e)
 
     def _capture_graphs(self) -> None:
         """Allocate the static decode buffers and capture one graph per batch-size bucket."""

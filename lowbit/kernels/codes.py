@@ -31,25 +31,41 @@ def _from_u32(x: Tensor) -> Tensor:
     return torch.where(x >= 2**31, x - 2**32, x).to(torch.int32)
 
 
+_CHUNK = 1 << 22  # values packed/unpacked at once: bounds the int64 scratch to 32 MiB
+
+
+def _by_rows(fn, x: Tensor) -> Tensor:
+    """Apply `fn` to row chunks of x (…, L) (rows = all leading dims) and join the results."""
+    lead, L = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, L)
+    step = max(1, _CHUNK // max(L, 1))
+    out = torch.cat([fn(rows[i : i + step]) for i in range(0, rows.shape[0], step)])
+    return out.reshape(*lead, out.shape[-1])
+
+
 def pack_int32(q: Tensor, bits: int, dim: int) -> Tensor:
     """Unsigned codes → int32 words along `dim`, value i of a word in bits [b·i, b·i + b)."""
     pf = 32 // bits
-    q = q.movedim(dim, -1).to(torch.int64)
-    pad = (-q.shape[-1]) % pf
-    q = torch.nn.functional.pad(q, (0, pad))
-    q = q.reshape(*q.shape[:-1], -1, pf)  # (…, L/pf, pf)
     shifts = torch.arange(pf, device=q.device) * bits
-    return _from_u32((q << shifts).sum(-1)).movedim(-1, dim)
+
+    def pack(rows: Tensor) -> Tensor:
+        r = rows.to(torch.int64)
+        r = torch.nn.functional.pad(r, (0, (-r.shape[-1]) % pf))
+        return _from_u32((r.reshape(r.shape[0], -1, pf) << shifts).sum(-1))
+
+    return _by_rows(pack, q.movedim(dim, -1)).movedim(-1, dim)
 
 
 def unpack_int32(packed: Tensor, bits: int, dim: int, length: int) -> Tensor:
     """Inverse of `pack_int32`: int32 words → unsigned codes (int32), `length` along `dim`."""
     pf = 32 // bits
-    w = _u32(packed.movedim(dim, -1))
     shifts = torch.arange(pf, device=packed.device) * bits
-    q = (w[..., None] >> shifts) & (2**bits - 1)  # (…, L/pf, pf)
-    q = q.reshape(*q.shape[:-2], -1)[..., :length]
-    return q.to(torch.int32).movedim(-1, dim)
+
+    def unpack(rows: Tensor) -> Tensor:
+        q = (_u32(rows)[..., None] >> shifts) & (2**bits - 1)  # (r, L/pf, pf)
+        return q.reshape(rows.shape[0], -1)[:, :length].to(torch.int32)
+
+    return _by_rows(unpack, packed.movedim(dim, -1)).movedim(-1, dim)
 
 
 def pack_gptq3(q: Tensor, dim: int) -> Tensor:

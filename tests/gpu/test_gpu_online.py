@@ -32,7 +32,9 @@ PROMPTS = [
 @pytest.fixture(scope="module")
 def bf16_reference():
     """Teacher-forced logits of the bf16 demo model on the prompts."""
-    with lowbit.Engine(device="cuda", dtype="bfloat16", disable_cuda_graph=True) as engine:
+    with lowbit.Engine(
+        device="cuda", dtype="bfloat16", disable_cuda_graph=True, max_total_tokens=4096
+    ) as engine:
         ids = [engine.tokenizer.encode(p) for p in PROMPTS]
         return ids, engine.logits(ids)
 
@@ -48,7 +50,7 @@ def test_graph_replay_equals_eager(flag, dev, bf16_reference, caplog):
     if flag[0] == "torchao_config":
         pytest.importorskip("torchao")
     ids, ref = bf16_reference
-    kw = {flag[0]: flag[1], "device": "cuda", "dtype": "bfloat16"}
+    kw = {flag[0]: flag[1], "device": "cuda", "dtype": "bfloat16", "max_total_tokens": 4096}
     params = {"temperature": 0, "max_new_tokens": 32, "ignore_eos": True}
     outs = {}
     for disable in (True, False):
@@ -58,6 +60,7 @@ def test_graph_replay_equals_eager(flag, dev, bf16_reference, caplog):
             if not disable:
                 # Either graphs were captured, or lowbit said why it runs eagerly.
                 assert engine.runner.graphs or "eagerly" in caplog.text
+                print(f"\n{flag[1]}: {'graphs' if engine.runner.graphs else 'eager'}")
             outs[disable] = [o.outputs[0].token_ids for o in engine.generate(ids, params)]
             if disable:
                 got = engine.logits(ids)

@@ -83,6 +83,7 @@ class PerShardScheme:
 
     def __init__(self, schemes: list):
         self.schemes = schemes
+        self.cuda_graph_safe = all(getattr(s, "cuda_graph_safe", True) for s in schemes)
 
     def create_weights(self, layer) -> None:
         """Each shard's params under its prefix."""

@@ -32,6 +32,9 @@ class W8A8Scheme:
     def __init__(self, spec: QuantSpec):
         self.spec = spec
         self.act = spec.act
+        # A dynamic per-tensor activation scale spans every row of the batch — in a CUDA graph
+        # the padded rows of the bucket too — so replay would not equal eager: run eagerly.
+        self.cuda_graph_safe = self.act is None or self.act.mode != "dynamic_tensor"
 
     def create_weights(self, layer) -> None:
         """weight (N, K), weight_scale by granularity, input_scale per shard when static."""
