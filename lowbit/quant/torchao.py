@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from lowbit.kernels import dispatch
+
 logger = logging.getLogger(__name__)
 
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -54,10 +56,11 @@ _REQUIREMENTS: dict[str, Callable[[torch.device], str | None]] = {
     },
 }
 TORCHAO_CONFIGS = tuple(_REQUIREMENTS)
-# int8dq's dynamic activation quantization breaks CUDA-graph capture in SGLang (sglang#2219); here
-# it captures and replays equal to eager (tests/gpu/test_gpu_online.py). fp8dq-per_tensor cannot
-# be replayed faithfully: its one activation scale spans the whole batch, padded rows of a graph
-# bucket included, so replay would differ from eager — it runs eagerly, saying so at start-up.
+# int8dq's torchao matmul breaks CUDA-graph capture (sglang#2219); on CUDA lowbit multiplies
+# torchao's int8 weights with its own kernel instead, which captures (TorchaoScheme._int8dq_cuda).
+# fp8dq-per_tensor cannot be replayed faithfully: its one activation scale spans the whole batch,
+# padded rows of a graph bucket included, so replay would differ from eager — it runs eagerly,
+# saying so at start-up.
 NOT_GRAPH_SAFE = frozenset({"fp8dq-per_tensor"})
 
 
@@ -138,9 +141,24 @@ class TorchaoScheme:
         del layer._parameters["weight"]
 
     def apply(self, layer, x: Tensor, bias: Tensor | None) -> Tensor:
-        """torchao's quantized matmul, then the bias."""
+        """torchao's quantized matmul, then the bias (int8dq on CUDA: see `_int8dq_cuda`)."""
+        if self.name == "int8dq" and x.is_cuda:
+            return self._int8dq_cuda(layer, x, bias)
         y = layer.torchao_linear(x)
         return y if bias is None else y + bias
+
+    @staticmethod
+    def _int8dq_cuda(layer, x: Tensor, bias: Tensor | None) -> Tensor:
+        """torchao's int8 weight (qdata, per-row scale) times per-token int8 activations.
+
+        torchao's own int8dq matmul (`safe_int_mm`) formats its input with `repr()`, a device
+        sync that CUDA-graph capture forbids (the failure SGLang documents, sglang#2219). The
+        weights stay torchao's; the product runs through lowbit's int8 kernel with torchao's
+        activation convention (symmetric per token, amax / 127.5, codes in [-128, 127]).
+        """
+        w = layer.torchao_linear.weight
+        scale = w.scale.reshape(-1).float()
+        return dispatch.int8_gemm(x, w.qdata, scale, None, bias, qmax=127.5)
 
     def describe(self) -> str:
         """Scheme and kernel for `lowbit inspect`."""

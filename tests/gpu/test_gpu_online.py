@@ -22,6 +22,7 @@ MIN_TOP1 = {
     "bitsandbytes": 0.85,
     **{f"int4wo-{g}": 0.85 for g in (32, 64, 128, 256)},
 }
+EAGER = {"fp8dq-per_tensor"}  # batch-wide activation scale: graph padding would change it
 PROMPTS = [
     "def fibonacci(n):\n    if n < 2:\n        return n\n",
     "import os\nimport sys\n\n\nclass Config:\n    def __init__(self, path):\n",
@@ -58,8 +59,11 @@ def test_graph_replay_equals_eager(flag, dev, bf16_reference, caplog):
             engine = lowbit.Engine(disable_cuda_graph=disable, **kw)
         with engine:
             if not disable:
-                # Either graphs were captured, or lowbit said why it runs eagerly.
-                assert engine.runner.graphs or "eagerly" in caplog.text
+                # Graphs are captured, except where lowbit says why it runs eagerly.
+                if flag[1] in EAGER:
+                    assert not engine.runner.graphs and "eagerly" in caplog.text
+                else:
+                    assert engine.runner.graphs
                 print(f"\n{flag[1]}: {'graphs' if engine.runner.graphs else 'eager'}")
             outs[disable] = [o.outputs[0].token_ids for o in engine.generate(ids, params)]
             if disable:
