@@ -356,3 +356,16 @@ def test_schemes_that_cannot_replay_in_a_graph_say_so():
     assert make_scheme(online.METHODS["fp8"].spec).cuda_graph_safe
     assert not TorchaoScheme("fp8dq-per_tensor").cuda_graph_safe
     assert TorchaoScheme("fp8dq-per_row").cuda_graph_safe
+
+
+def test_inspect_shows_the_online_plan(capsys):
+    """`lowbit inspect --quantization fp8` (demo model by default): every decoder linear fp8
+    W8A8, nothing else quantized, no weights read."""
+    from lowbit.cli import main
+
+    assert main(["inspect", "--quantization", "fp8"]) in (0, None)
+    out = capsys.readouterr().out
+    assert "fp8 (online, quantized while loading)" in out
+    assert out.count("w8a8_fp8 (channel, fp8_e4m3 dynamic_token)") == 4 * 8  # 4 linears × 8 layers
+    prefixes = [line.strip() for line in out.splitlines()[1:] if not line.startswith("    ")]
+    assert all(p.startswith("model.layers.") for p in prefixes)  # tied lm_head: the embedding

@@ -10,11 +10,14 @@ from lowbit.config import ModelConfig
 from lowbit.quant.resolve import resolve_plan
 
 
-def format_plan(model_path: str | Path, quantization: str | None = None) -> str:
-    """The plan as text: one line per linear layer, with its checkpoint specs and scheme."""
-    from lowbit.loader.loader import build_model  # the model decides which layers are fused
+def format_plan(model_path: str | Path | None, quantization: str | None = None) -> str:
+    """The plan as text: one line per linear layer, with its checkpoint specs and scheme.
 
-    model_dir = Path(model_path)
+    `model_path` as the Engine takes it: a directory, a hub id, or None (the demo model)."""
+    from lowbit.loader.loader import build_model  # the model decides which layers are fused
+    from lowbit.loader.weights import resolve_model_path
+
+    model_dir = resolve_model_path(model_path)
     cfg = ModelConfig.from_dir(model_dir)
     plan = resolve_plan(model_dir, cfg, quantization)
     build_model(cfg, plan, torch.bfloat16, "meta")  # schemes are chosen as layers are built
