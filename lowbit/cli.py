@@ -14,6 +14,11 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", default=None, help="HF directory or hub id (default: demo)")
     p.add_argument("--quantization", default=None, help=QUANT_HELP)
     p.add_argument("--torchao-config", default=None, help=TORCHAO_HELP)
+    p.add_argument(
+        "--quantize-lm-head",
+        action="store_true",
+        help="with an online --quantization: quantize lm_head too",
+    )
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default=None)
     p.add_argument("--kv-cache-dtype", default="auto")
@@ -33,7 +38,7 @@ def _generate(args: argparse.Namespace) -> int:
         model_path=args.model_path, quantization=args.quantization,
         torchao_config=args.torchao_config, dtype=args.dtype, device=args.device,
         kv_cache_dtype=args.kv_cache_dtype, load_format=args.load_format,
-        context_length=args.context_length,
+        context_length=args.context_length, quantize_lm_head=args.quantize_lm_head,
     ) as engine:  # fmt: skip
         if args.stream and len(args.prompts) == 1:
             print(args.prompts[0], end="", flush=True)

@@ -67,6 +67,8 @@ class EngineArgs:
     tp_size: int = 1
     revision: str | None = None
     show_progress: bool = True
+    # Online methods quantize lm_head too (it stays full precision by default, as in SGLang).
+    quantize_lm_head: bool = False
 
     def __post_init__(self):
         if self.dtype != "auto" and self.dtype not in DTYPES:
@@ -111,6 +113,11 @@ class EngineArgs:
         if self.tp_size != 1:
             raise ValueError(
                 f"tp_size={self.tp_size}: tensor parallelism is not available yet; use tp_size=1"
+            )
+        if self.quantize_lm_head and self.quantization is None:
+            raise ValueError(
+                "quantize_lm_head applies to an online --quantization method (fp8, w8a8_int8, "
+                "w4a16, …); give one, or drop --quantize-lm-head"
             )
         if self.quantization is not None and self.torchao_config is not None:
             raise ValueError(

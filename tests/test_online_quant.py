@@ -369,3 +369,32 @@ def test_inspect_shows_the_online_plan(capsys):
     assert out.count("w8a8_fp8 (channel, fp8_e4m3 dynamic_token)") == 4 * 8  # 4 linears × 8 layers
     prefixes = [line.strip() for line in out.splitlines()[1:] if not line.startswith("    ")]
     assert all(p.startswith("model.layers.") for p in prefixes)  # tied lm_head: the embedding
+
+
+def test_quantize_lm_head_when_asked(tiny_bf16):
+    """`quantize_lm_head=True` quantizes lm_head as well (measured: more KL, still close)."""
+    path, ids, ref = tiny_bf16
+    with lowbit.Engine(str(path), device="cpu", quantization="fp8") as engine:
+        kl_body, _ = _kl_top1(engine.logits(ids), ref)
+    with lowbit.Engine(
+        str(path), device="cpu", quantization="fp8", quantize_lm_head=True
+    ) as engine:
+        assert type(engine.runner.model.lm_head.scheme).__name__ == "FP8Scheme"
+        assert engine.runner.model.lm_head.weight.dtype == torch.float8_e4m3fn
+        kl_all, top1 = _kl_top1(engine.logits(ids), ref)
+    assert kl_body < kl_all <= 0.02 and top1 >= 0.7, (kl_body, kl_all, top1)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"quantize_lm_head": True}, "applies to an online --quantization"),
+        (
+            {"quantize_lm_head": True, "quantization": "w4a16"},
+            "ties lm_head to the input embedding",
+        ),
+    ],
+)
+def test_quantize_lm_head_misuse_is_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        lowbit.Engine(device="cpu", **kwargs)  # the demo model: tied embeddings

@@ -67,7 +67,7 @@ class Engine:
         if torchao_config is not None:
             plan = self._torchao_plan(cfg, torchao_config)
         else:
-            plan = resolve_plan(self.model_dir, cfg, quantization, None)
+            plan = resolve_plan(self.model_dir, cfg, quantization, None, self.args.quantize_lm_head)
         self.quant_plan = plan
         self.runner = ModelRunner(self.args, cfg, plan, self.model_dir)
         self.allocator = BlockAllocator(self.runner.num_blocks, self.args.block_size)

@@ -1,10 +1,10 @@
 """Online quantization: `--quantization fp8 | w8a8_fp8 | w8a8_int8 | w4a16 | bitsandbytes`.
 
 A full-precision checkpoint is quantized tensor by tensor as it streams in. Each linear weight
-(lm_head, embeddings and norms stay full precision) is cast to the model dtype and quantized on
-the target device a few thousand rows at a time, straight into a checkpoint layout the runtime
-schemes already read — so an online model runs on exactly the kernels of the matching
-pre-quantized checkpoint:
+(embeddings and norms stay full precision, lm_head too unless `quantize_lm_head`) is cast to
+the model dtype and quantized on the target device a few thousand rows at a time, straight into
+a checkpoint layout the runtime schemes already read — so an online model runs on exactly the
+kernels of the matching pre-quantized checkpoint:
 
   fp8, w8a8_fp8  e4m3 weights, one scale per output channel (amax / 448), per-token dynamic e4m3
                  activations → `w8a8_fp8` scheme (layout of a per-channel FP8 checkpoint)
@@ -138,22 +138,19 @@ METHODS: dict[str, OnlineMethod] = {
 }
 
 
-def is_quantized_module(name: str) -> bool:
-    """Every linear of the decoder; lm_head stays full precision."""
-    return not name.split(".")[-1] == "lm_head"
-
-
 class OnlinePlan(QuantPlan):
     """A QuantPlan whose `rename` quantizes each full-precision linear weight as it arrives."""
 
-    def __init__(self, method: OnlineMethod):
+    def __init__(self, method: OnlineMethod, lm_head: bool = False):
         spec = method.spec
         super().__init__(
             method=method.name,
-            description=f"{method.name} (online, quantized while loading): {spec}",
-            spec_of=lambda name: self.spec if is_quantized_module(name) else None,
+            description=f"{method.name} (online, quantized while loading): {spec}"
+            + (", lm_head too" if lm_head else ""),
+            spec_of=lambda name: self.spec if self._is_linear(name) else None,
             rename=self._quantize_tensor,
         )
+        self.lm_head = lm_head
         self.online = method
         self.spec = spec
         self.device = torch.device("cpu")
@@ -180,10 +177,11 @@ class OnlinePlan(QuantPlan):
             return [(name, tensor)]
         return [(f"{module}.{k}", v) for k, v in self.quantize(tensor, module).items()]
 
-    @staticmethod
-    def _is_linear(module: str) -> bool:
-        """Linear projections of decoder layers (embeddings and lm_head are not quantized)."""
-        return ".layers." in module and is_quantized_module(module)
+    def _is_linear(self, module: str) -> bool:
+        """Linear projections of decoder layers, and lm_head when asked (never embeddings)."""
+        if module == "lm_head":
+            return self.lm_head
+        return ".layers." in module
 
     def quantize(self, weight: Tensor, module: str = "weight") -> dict[str, Tensor]:
         """Quantize a (N, K) full-precision weight chunk by chunk on the plan's device."""
@@ -210,6 +208,6 @@ class OnlinePlan(QuantPlan):
         return out
 
 
-def online_plan(name: str) -> OnlinePlan:
-    """The plan for `--quantization name` on a full-precision checkpoint."""
-    return OnlinePlan(METHODS[name])
+def online_plan(name: str, lm_head: bool = False) -> OnlinePlan:
+    """The plan for `--quantization name` on a full-precision checkpoint (lm_head: it too)."""
+    return OnlinePlan(METHODS[name], lm_head)

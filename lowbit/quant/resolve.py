@@ -91,6 +91,7 @@ def resolve_plan(
     model_config: ModelConfig,
     quantization: str | None = None,
     torchao_config: str | None = None,
+    quantize_lm_head: bool = False,
 ) -> QuantPlan:
     """The plan for this checkpoint and flags; errors name the checkpoint's format and the fix."""
     model_dir = Path(model_dir)
@@ -98,7 +99,12 @@ def resolve_plan(
         raise ValueError("--torchao-config is resolved by lowbit.quant.torchao, not resolve_plan")
     result = parse_format(model_dir, model_config)
     if result is None:
-        return _full_precision(model_dir, model_config, quantization)
+        return _full_precision(model_dir, model_config, quantization, quantize_lm_head)
+    if quantize_lm_head:
+        raise ValueError(
+            f"--quantize-lm-head quantizes a full-precision lm_head online, but {model_dir} is "
+            f"already quantized ({result.kind}); drop the flag"
+        )
     if quantization is not None and quantization.lower() not in result.accepts:
         raise ValueError(
             f"--quantization {quantization} does not fit {model_dir}: it is a "
@@ -108,7 +114,9 @@ def resolve_plan(
     return plan_from(result)
 
 
-def _full_precision(model_dir: Path, cfg: ModelConfig, quantization: str | None) -> QuantPlan:
+def _full_precision(
+    model_dir: Path, cfg: ModelConfig, quantization: str | None, lm_head: bool = False
+) -> QuantPlan:
     """Unquantized, or an online method's plan."""
     if quantization is None:
         return QuantPlan()
@@ -116,7 +124,12 @@ def _full_precision(model_dir: Path, cfg: ModelConfig, quantization: str | None)
 
     name = quantization.lower()
     if name in METHODS:
-        return online_plan(name)
+        if lm_head and cfg.tie_word_embeddings:
+            raise ValueError(
+                f"--quantize-lm-head: {model_dir} ties lm_head to the input embedding, which "
+                "stays full precision; drop the flag"
+            )
+        return online_plan(name, lm_head)
     if name in CALIBRATED:
         raise ValueError(
             f"--quantization {name} on the full-precision {model_dir} needs calibration: "
