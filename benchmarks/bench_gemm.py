@@ -31,7 +31,7 @@ def _weights(scheme: str, N: int, K: int) -> tuple[dict, int]:
     d = "cuda"
     if scheme == "bf16":
         w = {"w": torch.randn(N, K, device=d, dtype=torch.bfloat16) * 0.02}
-    elif scheme.split(":")[0] in ("w4a16", "w8a16"):
+    elif scheme.split(":")[0] in ("w4a16", "w8a16", "w4a16-mma", "w8a16-mma"):
         bits = 4 if scheme.startswith("w4a16") else 8
         P = 32 // bits
         w = {
@@ -40,7 +40,7 @@ def _weights(scheme: str, N: int, K: int) -> tuple[dict, int]:
             "qzeros": torch.randint(-(2**31), 2**31 - 1, (K // 128, N // P), device=d,
                                     dtype=torch.int32),
         }  # fmt: skip
-    elif scheme in ("fp8-row", "fp8-cublas", "fp8-tensor"):
+    elif scheme in ("fp8-row", "fp8-cublas", "fp8-triton", "fp8-tensor"):
         per_row = scheme != "fp8-tensor"
         w = {
             "w": torch.randn(N, K, device=d).clamp(-8, 8).to(torch.float8_e4m3fn),
@@ -62,7 +62,9 @@ def _weights(scheme: str, N: int, K: int) -> tuple[dict, int]:
 
 
 def _call(scheme: str, x, w):
-    """Run one GEMM ("w4a16:warps=8,stages=2" tries a W4A16 launch config for small M)."""
+    """Run one GEMM. Probes: "w4a16:warps=8,stages=2" (tensor-core kernel launch config),
+    "w4a16:gemv,block_w=32,block_k=64,chunk=128,warps=1,waves=8" (GEMV config), "w4a16-mma"
+    (the tensor-core kernel at any M), "fp8-triton" (the split-K Triton W8A8 kernel)."""
     if ":" in scheme:
         return _with_wna16_config(scheme, x, w)
     if scheme == "bf16":
@@ -70,10 +72,19 @@ def _call(scheme: str, x, w):
     if scheme in ("w4a16", "w8a16"):
         bits = 4 if scheme == "w4a16" else 8
         return dispatch.wna16_gemm(x, w["qweight"], w["scales"], w["qzeros"], 128, bits)
+    if scheme in ("w4a16-mma", "w8a16-mma"):
+        from lowbit.kernels.triton.wna16_gemm import wna16_gemm
+
+        bits = 4 if scheme == "w4a16-mma" else 8
+        return wna16_gemm(x, w["qweight"], w["scales"], w["qzeros"], 128, bits)
     if scheme == "fp8-row":  # per-channel weight, dynamic per-token activations (dispatch)
         return dispatch.fp8_scaled_mm(x, w["w"], w["s"])
     if scheme == "fp8-cublas":  # the same, always through torch._scaled_mm
         return dispatch._fp8_cublas(x, w["w"], w["s"])
+    if scheme == "fp8-triton":  # the same, always through the split-K Triton kernel
+        from lowbit.kernels.triton.w8a8_gemm import w8a8_gemm
+
+        return w8a8_gemm(x, w["w"], w["s"])
     if scheme == "fp8-tensor":  # per-tensor weight, static per-tensor activation scale
         return dispatch.fp8_scaled_mm(x, w["w"], w["s"], w["s"])
     if scheme == "fp8-block":
@@ -82,29 +93,33 @@ def _call(scheme: str, x, w):
 
 
 def _with_wna16_config(scheme: str, x, w):
-    """W4A16 with the small-M launch config overridden (a tuning probe, not a dispatch path)."""
+    """W4A16 with a launch config overridden (a tuning probe, not a dispatch path)."""
     import lowbit.kernels.triton.wna16_gemm as mod
 
     base, spec = scheme.split(":")
+    bits = 4 if base == "w4a16" else 8
+    if spec.startswith("gemv"):
+        from lowbit.kernels.triton.wna16_gemv import wna16_gemv
+
+        over = {k: int(v) for k, v in (kv.split("=") for kv in spec.split(",")[1:])}
+        return wna16_gemv(x, w["qweight"], w["scales"], w["qzeros"], 128, bits, config=over)
     over = {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
     saved = mod._config
 
     def config(M, N, K, G):
         bm, bn, bk, split, warps, stages = saved(M, N, K, G)
-        bk = over.get("bk", bk)
-        split = over.get("split", split)
         return (
             bm,
             over.get("bn", bn),
-            bk,
-            split,
+            over.get("bk", bk),
+            over.get("split", split),
             over.get("warps", warps),
             over.get("stages", stages),
         )
 
     mod._config = config
     try:
-        return _call(base, x, w)
+        return mod.wna16_gemm(x, w["qweight"], w["scales"], w["qzeros"], 128, bits)
     finally:
         mod._config = saved
 
@@ -130,7 +145,9 @@ def bench(scheme: str, name: str, N: int, K: int, M: int) -> dict:
     del graph
     flops = 2 * M * N * K
     nbytes = wbytes + 2 * M * (K + N)
-    peak = PEAK_BF16 if scheme.split(":")[0] in ("bf16", "w4a16", "w8a16") else PEAK_8BIT
+    peak = (
+        PEAK_BF16 if scheme.split(":")[0].split("-")[0] in ("bf16", "w4a16", "w8a16") else PEAK_8BIT
+    )
     floor_s = max(flops / peak, nbytes / PEAK_BW)
     return {
         "shape": name, "N": N, "K": K, "M": M, "scheme": scheme, "us": ms * 1e3,
@@ -144,12 +161,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ms", default="1,16,64,256,1024,4096")
     ap.add_argument(
-        "--schemes", default="bf16,w4a16,w8a16,fp8-row,fp8-cublas,fp8-tensor,fp8-block,int8"
+        "--schemes",
+        default="bf16,w4a16,w8a16,fp8-row,fp8-cublas,fp8-triton,fp8-tensor,fp8-block,int8",
+        help="comma-separated; use ';' instead when a probe has commas",
     )
     ap.add_argument("--out", type=Path, default=None, help="also copy the JSON here")
     args = ap.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
-    schemes = args.schemes.split(",")
+    schemes = args.schemes.split(";" if ";" in args.schemes else ",")
     rows, env = [], environment()
     for name, (N, K) in SHAPES.items():
         for M in ms:

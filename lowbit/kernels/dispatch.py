@@ -71,6 +71,10 @@ def _reference(name: str):
 
 # ---- weight-only int4 / int8 ----
 
+# Up to this many rows W4A16/W8A16 takes the CUDA-core GEMV (one FFMA per weight per row);
+# above it the tensor-core kernel wins (benchmarks/RESULTS.md).
+WNA16_GEMV_MAX_M = 4
+
 
 def wna16_gemm(
     x: Tensor,
@@ -82,11 +86,11 @@ def wna16_gemm(
     bias: Tensor | None = None,
     perm: Tensor | None = None,
 ) -> Tensor:
-    """x @ dequant(W)^T for the canonical packed group-wise layout (see triton/wna16_gemm.py)."""
+    """x @ dequant(W)^T for the canonical packed group-wise layout (see triton/wna16_gemm.py);
+    up to WNA16_GEMV_MAX_M rows take the split-K CUDA-core GEMV (triton/wna16_gemv.py)."""
     if use_triton(x.device) and x.dtype in (torch.float16, torch.bfloat16):
-        return _triton("wna16_gemm", "wna16_gemm")(
-            x, qweight, scales, qzeros, group_size, bits, bias, perm
-        )
+        op = "wna16_gemv" if x.numel() // x.shape[-1] <= WNA16_GEMV_MAX_M else "wna16_gemm"
+        return _triton(op, op)(x, qweight, scales, qzeros, group_size, bits, bias, perm)
     return _reference("wna16_gemm")(x, qweight, scales, qzeros, group_size, bits, bias, perm)
 
 

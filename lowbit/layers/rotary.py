@@ -7,6 +7,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from lowbit.kernels import dispatch
+
 ROPE_TYPES = ("default", "linear", "llama3")
 
 
@@ -44,14 +46,5 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin", freqs.sin(), persistent=False)
 
     def forward(self, positions: Tensor, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """q (T, H, D), k (T, Hkv, D) rotated at positions (T,)."""
-        cos = self.cos[positions].to(q.dtype).repeat(1, 2)[:, None, :]  # (T, 1, D)
-        sin = self.sin[positions].to(q.dtype).repeat(1, 2)[:, None, :]
-        return _rotate(q, cos, sin), _rotate(k, cos, sin)
-
-
-def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x·cos + rotate_half(x)·sin."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+        """q (T, H, D), k (T, Hkv, D) rotated at positions (T,) (one fused kernel on CUDA)."""
+        return dispatch.rotary(positions, q, k, self.cos, self.sin)

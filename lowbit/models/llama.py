@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lowbit.config import ModelConfig
+from lowbit.kernels import dispatch
 from lowbit.layers.attention import Attention, AttentionMetadata, KVCache
 from lowbit.layers.embedding import VocabEmbedding
 from lowbit.layers.linear import MergedColumnLinear, QKVLinear, ReplicatedLinear
@@ -71,8 +72,7 @@ class DecoderMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (T, hidden) → (T, hidden)."""
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (T, I) each
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(dispatch.silu_mul(self.gate_up_proj(x)))  # (T, 2I) → (T, I)
 
 
 class DecoderLayer(nn.Module):

@@ -1,0 +1,260 @@
+"""Small-M weight-only int4/int8 GEMM (W4A16 / W8A16 decode): split-K GEMV on the CUDA cores.
+
+Reads the canonical layout of `wna16_gemm.py` (qweight (K, N/P) int32 packed along N, scales
+(K/G, N), qzeros (K/G, N/P) or None = symmetric, perm for act-order) and computes
+y = x @ dequant(W)^T for M ≤ a few rows, where tensor cores buy nothing and the MMA path's
+operand shuffles cost more than the arithmetic.
+
+Per weight value the loop body is one shift, one LOP3 and one FFMA per row of x:
+  * code i of a word is moved to bits 23-BITS… of an fp32 mantissa and OR-ed with the exponent
+    of 2^BITS, which makes the float 2^BITS + code exactly (no int→float conversion);
+  * the products x·(2^BITS + code) are summed over a chunk of CHUNK rows of one group, and the
+    offset and zero are removed once per chunk: Σ x (q − z) = Σ x (2^BITS + q) − (2^BITS + z) Σ x,
+    then the chunk is scaled by its group scale. The offset is small (16 for int4), so fp32
+    keeps ~17 bits of the result.
+A program owns BLOCK_W packed words (P·BLOCK_W columns) and `per_split` chunks of K; each
+thread loads 4 words (16 bytes) a row and sums its rows in registers before lanes combine.
+Splits write fp32 partials that `_splitk_reduce_kernel` sums (+ bias) in one more launch;
+with one split the kernel writes the output itself. Everything is CUDA-graph safe.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+NUM_SMS = 132
+MAX_M = 4  # above this the MMA kernel of wna16_gemm.py wins (FFMA per row grows with M)
+REDUCE_BLOCK = 1024
+
+
+def _config(
+    M: int,
+    N: int,
+    K: int,
+    G: int,
+    P: int,
+    block_w: int | None = None,
+    block_k: int = 32,
+    chunk: int = 128,
+    warps: int = 1,
+    waves: int = 8,
+) -> tuple[int, int, int, int, int]:
+    """(BLOCK_W, BLOCK_K, CHUNK, chunks_per_split, num_warps) by problem size.
+
+    BLOCK_W words a program (4 per thread along N, 16-byte loads; the rest of a warp's lanes
+    and the warps run along K). Splits aim at `waves` warps an SM but keep whole chunks, and
+    split evenly (no bounds checks in the K loop).
+    """
+    chunk = min(chunk, G & -G)  # a power of two dividing G: a chunk never straddles a group
+    block_k = min(block_k, chunk)
+    if block_w is None:
+        block_w = 32 if M <= 2 else 64
+    cols = triton.cdiv(N // P, block_w)
+    chunks = K // chunk
+    want = max(1, (waves * NUM_SMS) // (cols * warps))  # programs along K
+    per_split = max(1, triton.cdiv(chunks, want))
+    while chunks % per_split:
+        per_split += 1
+    return block_w, block_k, chunk, per_split, warps
+
+
+@triton.jit
+def _codes_f32(w, i: tl.constexpr, BITS: tl.constexpr):
+    """Code i of each int32 word as the fp32 2^BITS + code (bit trick, exact)."""
+    POS: tl.constexpr = 23 - BITS
+    MAGIC: tl.constexpr = (127 + BITS) << 23  # bit pattern of 2.0 ** BITS
+    MASK: tl.constexpr = (1 << BITS) - 1
+    SH: tl.constexpr = POS - BITS * i
+    if SH >= 0:
+        q = (w << SH) & (MASK << POS)
+    else:
+        q = (w >> -SH) & (MASK << POS)
+    return (q | MAGIC).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _dot_rows(w, x, i: tl.constexpr, BITS: tl.constexpr):
+    """(BM, BW) partial Σ_k x[m, k] · (2^BITS + code_i[k, w]) of one tile."""
+    f = _codes_f32(w, i, BITS)  # (BK, BW)
+    return tl.sum(f[None, :, :] * x[:, :, None], axis=1)
+
+
+@triton.jit
+def _finish_code(acc, part, xsum, s_row, z_row, rj, j_mask, i: tl.constexpr, P: tl.constexpr,
+                 BITS: tl.constexpr, HAS_ZERO: tl.constexpr):  # fmt: skip
+    """acc += scale · (part − (2^BITS + zero) · Σx) for code i's columns P·j + i."""
+    s = tl.load(s_row + rj * P + i, mask=j_mask, other=0.0).to(tl.float32)
+    if HAS_ZERO:
+        zw = tl.load(z_row + rj, mask=j_mask, other=0)
+        off = ((zw >> (BITS * i)) & ((1 << BITS) - 1)).to(tl.float32) + (1 << BITS)
+    else:
+        off = tl.full(s.shape, (1 << BITS) + (1 << (BITS - 1)), tl.float32)
+    return acc + s[None, :] * (part - off[None, :] * xsum[:, None])
+
+
+@triton.jit
+def _store_code(acc, out_ptr, bias_ptr, rm, rj, m_mask, j_mask, stride_om, i: tl.constexpr,
+                P: tl.constexpr, HAS_BIAS: tl.constexpr):  # fmt: skip
+    """Write code i's columns P·j + i of a (BM, BW) block (bias added when given)."""
+    cols = rj * P + i
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + cols, mask=j_mask, other=0.0).to(tl.float32)[None, :]
+    ptrs = out_ptr + rm[:, None] * stride_om + cols[None, :]
+    tl.store(ptrs, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & j_mask[None, :])
+
+
+@triton.jit
+def _wna16_gemv_kernel(
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
+    M, NW, K, per_split,
+    stride_xm, stride_qk, stride_sg, stride_zg, stride_os, stride_om,
+    GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
+    EVEN_W: tl.constexpr,
+):  # fmt: skip
+    P: tl.constexpr = 32 // BITS
+    pid_w = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rj = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)  # packed word (column group) index
+    m_mask = rm < M
+    j_mask = rj < NW
+    zero = tl.zeros([BLOCK_M, BLOCK_W], tl.float32)
+    a0, a1, a2, a3, a4, a5, a6, a7 = zero, zero, zero, zero, zero, zero, zero, zero
+    c_lo = pid_k * per_split
+    for c in range(c_lo, c_lo + per_split):  # per_split divides the chunk count
+        p0, p1, p2, p3, p4, p5, p6, p7 = zero, zero, zero, zero, zero, zero, zero, zero
+        xsum = tl.zeros([BLOCK_M], tl.float32)
+        for t in range(CHUNK // BLOCK_K):
+            rk = c * CHUNK + t * BLOCK_K + tl.arange(0, BLOCK_K)
+            wp = qw_ptr + rk[:, None] * stride_qk + rj[None, :]
+            if EVEN_W:
+                w = tl.load(wp, eviction_policy="evict_first")  # (BK, BW) int32
+            else:
+                w = tl.load(wp, mask=j_mask[None, :], other=0, eviction_policy="evict_first")
+            xp = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+            x = tl.load(xp, mask=m_mask[:, None], other=0.0).to(tl.float32)  # (BM, BK)
+            xsum += tl.sum(x, axis=1)
+            p0 += _dot_rows(w, x, 0, BITS)
+            p1 += _dot_rows(w, x, 1, BITS)
+            p2 += _dot_rows(w, x, 2, BITS)
+            p3 += _dot_rows(w, x, 3, BITS)
+            if P == 8:
+                p4 += _dot_rows(w, x, 4, BITS)
+                p5 += _dot_rows(w, x, 5, BITS)
+                p6 += _dot_rows(w, x, 6, BITS)
+                p7 += _dot_rows(w, x, 7, BITS)
+        g = (c * CHUNK) // GROUP
+        s_row = s_ptr + g * stride_sg
+        z_row = z_ptr + g * stride_zg
+        a0 = _finish_code(a0, p0, xsum, s_row, z_row, rj, j_mask, 0, P, BITS, HAS_ZERO)
+        a1 = _finish_code(a1, p1, xsum, s_row, z_row, rj, j_mask, 1, P, BITS, HAS_ZERO)
+        a2 = _finish_code(a2, p2, xsum, s_row, z_row, rj, j_mask, 2, P, BITS, HAS_ZERO)
+        a3 = _finish_code(a3, p3, xsum, s_row, z_row, rj, j_mask, 3, P, BITS, HAS_ZERO)
+        if P == 8:
+            a4 = _finish_code(a4, p4, xsum, s_row, z_row, rj, j_mask, 4, P, BITS, HAS_ZERO)
+            a5 = _finish_code(a5, p5, xsum, s_row, z_row, rj, j_mask, 5, P, BITS, HAS_ZERO)
+            a6 = _finish_code(a6, p6, xsum, s_row, z_row, rj, j_mask, 6, P, BITS, HAS_ZERO)
+            a7 = _finish_code(a7, p7, xsum, s_row, z_row, rj, j_mask, 7, P, BITS, HAS_ZERO)
+    out_ptr += pid_k * stride_os
+    _store_code(a0, out_ptr, bias_ptr, rm, rj, m_mask, j_mask, stride_om, 0, P, HAS_BIAS)
+    _store_code(a1, out_ptr, bias_ptr, rm, rj, m_mask, j_mask, stride_om, 1, P, HAS_BIAS)
+    _store_code(a2, out_ptr, bias_ptr, rm, rj, m_mask, j_mask, stride_om, 2, P, HAS_BIAS)
+    _store_code(a3, out_ptr, bias_ptr, rm, rj, m_mask, j_mask, stride_om, 3, P, HAS_BIAS)
+    if P == 8:
+        _store_code(a4, out_ptr, bias_ptr, rm, rj, m_mask, j_mask, stride_om, 4, P, HAS_BIAS)
+        _store_code(a5, out_ptr, bias_ptr, rm, rj, m_mask, j_mask, stride_om, 5, P, HAS_BIAS)
+        _store_code(a6, out_ptr, bias_ptr, rm, rj, m_mask, j_mask, stride_om, 6, P, HAS_BIAS)
+        _store_code(a7, out_ptr, bias_ptr, rm, rj, m_mask, j_mask, stride_om, 7, P, HAS_BIAS)
+
+
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, MN, N, SPLIT, stride_s,
+                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    # out (M, N) = Σ_s part[s] (+ bias), fp32 sums, cast once.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(SPLIT):
+        acc += tl.load(part_ptr + s * stride_s + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def wna16_gemv(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    qzeros: Tensor | None,
+    group_size: int,
+    bits: int = 4,
+    bias: Tensor | None = None,
+    perm: Tensor | None = None,
+    config: dict | None = None,
+) -> Tensor:
+    """x @ dequant(W)^T (+ bias) for a few rows of x (M ≤ MAX_M).
+
+    x        (..., K)         bf16 / fp16, M = prod(...) rows
+    qweight  (K, N // P)      int32, P = 32 // bits
+    scales   (K // G, N)      x.dtype
+    qzeros   (K // G, N // P) int32 or None (symmetric)
+    bias     (N,) or None
+    perm     (K,)             int64 or None: act-order, x columns are read as x[..., perm]
+    config   keyword overrides of `_config` (block_w, block_k, chunk, warps, waves): tuning
+    returns  (..., N)         x.dtype
+    """
+    assert bits in (4, 8), f"bits={bits}; this kernel handles 4 and 8"
+    P = 32 // bits
+    K = x.shape[-1]
+    N = qweight.shape[1] * P
+    G = K if group_size in (-1, 0) else group_size
+    assert qweight.shape == (K, N // P) and qweight.dtype == torch.int32, qweight.shape
+    assert qweight.stride(1) == 1, qweight.stride()
+    assert K % G == 0 and scales.shape == (K // G, N), (scales.shape, K, N, G)
+    assert scales.stride(1) == 1, scales.stride()
+    assert qzeros is None or (qzeros.shape == (K // G, N // P) and qzeros.stride(1) == 1)
+    assert bias is None or bias.shape == (N,), bias.shape
+    assert G % 16 == 0, f"group size {G} must be a multiple of 16"
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if perm is not None:
+        assert perm.shape == (K,), perm.shape
+        x2 = x2[:, perm]
+    x2 = x2.contiguous()
+    M = x2.shape[0]
+    if M == 0:
+        return x.new_empty(*lead, N)
+    assert M <= MAX_M, f"M={M}: wna16_gemv is the small-M path (M ≤ {MAX_M})"
+    block_w, block_k, chunk, per_split, warps = _config(M, N, K, G, P, **(config or {}))
+    assert G % chunk == 0 and chunk % block_k == 0 and (K // chunk) % per_split == 0
+    split = K // chunk // per_split
+    block_m = triton.next_power_of_2(max(M, 1))
+    if split == 1:
+        out = torch.empty(1, M, N, dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    grid = (triton.cdiv(N // P, block_w), split, triton.cdiv(M, block_m))
+    dummy = qweight  # never read when the flag that needs it is off
+    _wna16_gemv_kernel[grid](
+        x2, qweight, scales, qzeros if qzeros is not None else dummy,
+        bias if bias is not None and split == 1 else dummy, out,
+        M, N // P, K, per_split,
+        x2.stride(0), qweight.stride(0), scales.stride(0),
+        qzeros.stride(0) if qzeros is not None else 0, out.stride(0), out.stride(1),
+        GROUP=G, BITS=bits, HAS_ZERO=qzeros is not None,
+        HAS_BIAS=bias is not None and split == 1, BLOCK_M=block_m, BLOCK_W=block_w,
+        BLOCK_K=block_k, CHUNK=chunk, EVEN_W=(N // P) % block_w == 0, num_warps=warps,
+        num_stages=1,
+    )  # fmt: skip
+    if split == 1:
+        return out[0].reshape(*lead, N)
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    _splitk_reduce_kernel[(triton.cdiv(M * N, REDUCE_BLOCK),)](
+        out, bias if bias is not None else dummy, y, M * N, N, split, out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4,
+    )  # fmt: skip
+    return y.reshape(*lead, N)
