@@ -25,8 +25,9 @@ Why this rule, measured on the demo model (bf16; 9 sequences: the fp8 test's tex
   (q_proj and o_proj ÷64: bf16 logits unchanged; |k| up to ~950) at scale 1.0 saturates: e4m3
   top-1 0.892, KL 0.0381. With this rule (scales 1.5–4.0): top-1 0.963, KL 0.0033, the unscaled
   model's numbers. e5m2 (±57344) is unaffected either way.
-- Hence the floor of 1.0 (ModelOpt clamps its exported KV scales to ≥ 1.0 the same way) and 2×
-  headroom above the calibration amax, so prompts up to twice as large still fit unsaturated.
+- Hence the floor of 1.0 (ModelOpt's TensorRT-LLM export clamps its KV scales to ≥ 1.0 the same
+  way; its Hugging Face export writes amax/448 unclamped) and 2× headroom above the calibration
+  amax, so prompts up to twice as large still fit unsaturated.
   With no outliers the result is exactly scale 1.0; the rule never does worse than 1.0 on values
   within ±fp8_max.
 
