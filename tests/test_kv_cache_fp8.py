@@ -153,8 +153,9 @@ def test_modelopt_kv_scales_reach_the_cache(tmp_path):
     def err(x):
         return float((x - ref["logits"]).norm() / ref["logits"].norm())
 
-    # Measured 0.035 with the scales vs 0.050 at 1.0 (|k| ≤ 5.5 sits in e4m3's subnormals there).
-    assert err(scaled) < 0.04 and err(scaled) < 0.8 * err(unscaled), (err(scaled), err(unscaled))
+    # Measured < 5e-6 with the scales (ModelOpt's own fake-quant reference) vs 0.059 at 1.0
+    # (|k| ≤ 5.5 sits in e4m3's subnormals there).
+    assert err(scaled) < 1e-3 and err(unscaled) > 0.02, (err(scaled), err(unscaled))
 
 
 def test_calibrated_scale_rule():
