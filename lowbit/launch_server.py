@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import os
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -146,32 +146,43 @@ def main(argv: list[str] | None = None) -> int:
         check_port(args.host, args.port)
     except ValueError as e:
         parser.error(str(e))
+    # uvicorn restores this handler after its graceful shutdown and re-raises SIGTERM into it:
+    # exit through Python (status 0, cleanup runs) instead of dying of the signal.
+    on_term = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    try:
+        return _serve(args, eargs, template, parser.prog)
+    finally:
+        signal.signal(signal.SIGTERM, on_term)
+
+
+def _serve(args: argparse.Namespace, eargs: EngineArgs, template: str | None, prog: str) -> int:
+    """Start the engine process, then serve HTTP until a signal; stops both."""
     import uvicorn
 
-    import lowbit
     from lowbit.server.app import create_app
+    from lowbit.server.engine_process import EngineProcess, EngineStartError
 
-    fields = {f: getattr(eargs, f) for f in eargs.__dataclass_fields__}
+    engine = EngineProcess(eargs, log_level=args.log_level)
     try:
-        engine = lowbit.Engine(**fields)
-    except (ValueError, TypeError, FileNotFoundError, NotImplementedError) as e:
-        print(f"{parser.prog}: error: {e}", file=sys.stderr)
-        return 2
-    # The engine thread releases the GIL in every torch call and must win it back from the HTTP
-    # thread; CPython's default 5 ms switch interval would let HTTP work stall each step.
-    sys.setswitchinterval(float(os.environ.get("LOWBIT_SWITCH_INTERVAL", "0.0005")))
-    name = served_name(args)
-    app = create_app(
-        engine, name, api_key=args.api_key, chat_template=template,
-        stream_interval=args.stream_interval,
-    )  # fmt: skip
-    url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
-    logging.getLogger("lowbit").info(
-        "serving %r (context %d tokens) at %s; OpenAI base_url %s/v1",
-        name, engine.context_length, url, url,
-    )  # fmt: skip
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    engine.shutdown()
+        engine.start()  # loads the model in its own process, before the port is bound
+    except EngineStartError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2 if e.clean else 1
+    try:
+        name = served_name(args)
+        app = create_app(
+            engine, name, api_key=args.api_key, chat_template=template,
+            stream_interval=args.stream_interval,
+        )  # fmt: skip
+        url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
+        logging.getLogger("lowbit").info(
+            "serving %r (context %d tokens) at %s; OpenAI base_url %s/v1",
+            name, engine.context_length, url, url,
+        )  # fmt: skip
+        # The app's shutdown (SIGINT, SIGTERM) stops the engine process; this covers the rest.
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.stop()
     return 0
 
 

@@ -11,6 +11,7 @@ from starlette.responses import JSONResponse, Response
 
 from lowbit.server import native_api, openai_api
 from lowbit.server.engine_loop import EngineLoop
+from lowbit.server.engine_process import EngineProcess
 from lowbit.server.errors import APIError, install_error_handlers
 from lowbit.server.metrics import Metrics
 from lowbit.server.serving import ServerState, state_of
@@ -60,13 +61,13 @@ class _Observe:
 
 
 def create_app(
-    engine,
+    engine: EngineProcess,
     model_name: str,
     api_key: str | None = None,
     chat_template: str | None = None,
     stream_interval: int = 1,
 ) -> FastAPI:
-    """An app serving `engine`; its engine loop starts and stops with the app's lifespan."""
+    """An app serving a started engine process; the app's shutdown stops that process too."""
     metrics = Metrics(model_name)
     loop = EngineLoop(engine, metrics, stream_interval)
 
@@ -88,9 +89,9 @@ def create_app(
 
     @app.get("/health")
     async def health() -> Response:
-        """200 while the engine loop runs (never needs the API key)."""
+        """200 while the engine process runs (never needs the API key)."""
         if not loop.alive:
-            return APIError(503, "the engine loop is not running").response()
+            return APIError(503, "the engine process is not running; restart the server").response()
         return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models", dependencies=guarded)

@@ -1,33 +1,29 @@
-"""The engine loop: one thread owns the Engine; HTTP handlers reach it through queues.
+"""The server side of the engine process: subscriptions, delivery policy, metrics, failures.
 
-Only the loop thread calls `add_request`, `step`, `abort` and `release`. Handlers post commands
-to a thread-safe inbox; the loop hands each step's deltas back to the handlers' asyncio queues
-with one `call_soon_threadsafe` per step and event loop, so HTTP work never runs on the engine
-thread and the engine never waits for HTTP.
-
-Both threads share the GIL: torch releases it for kernels, but HTTP work (≈0.1 ms of Python per
-streamed chunk) still slows a Python-bound step. tests/server/bench_engine_loop.py measures it;
-`--stream-interval` (fewer, larger chunks) and non-streaming requests (one delivery at the end)
-cut that work. Moving the engine into its own process, as SGLang does, would remove it.
+The Engine runs in its own process (engine_process.py). Here, on the server's event loop,
+handlers `subscribe` and add requests; commands posted during one turn of the event loop leave
+as one message; each step's message from the engine process is read when its pipe is readable
+(no thread, so no GIL contention here either) and its deltas are handed to the subscriptions'
+asyncio queues. If the engine process dies, /health turns 503 and every request fails at once.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
-import queue
-import threading
 import time
 import uuid
-from collections import defaultdict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from lowbit.engine.request import SamplingParams, StreamDelta
-from lowbit.server.errors import APIError, bad_request
+from lowbit.server.engine_process import EngineProcess, engine_stats
+from lowbit.server.errors import APIError
 from lowbit.server.metrics import Metrics
 
 logger = logging.getLogger(__name__)
+_MAX_MESSAGES_PER_READ = 64  # then let HTTP work run before reading on
 
 
 @dataclass
@@ -64,7 +60,6 @@ class Subscription:
     def __init__(self, owner: EngineLoop, interval: int):
         self.owner = owner
         self.interval = interval
-        self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
         self.request_ids: list[str] = []
         self.remaining = 0
@@ -73,11 +68,11 @@ class Subscription:
     def add(self, prompt_ids: list[int], params: SamplingParams) -> str:
         """Queue one prompt (already encoded and validated); returns its request id."""
         if not self.owner.alive:
-            raise APIError(503, "the engine loop is not running; restart the server")
+            raise APIError(503, "the engine process is not running; restart the server")
         rid = uuid.uuid4().hex
         self.request_ids.append(rid)
         self.remaining += params.n
-        self.owner.post(("add", rid, prompt_ids, params, self))
+        self.owner.add(rid, prompt_ids, params, self)
         return rid
 
     async def __aiter__(self) -> AsyncIterator[StreamDelta]:
@@ -102,131 +97,149 @@ class Subscription:
         """Abort whatever of these requests is still running (a no-op once all finished)."""
         if not self.done:
             self.done = True
-            for rid in self.request_ids:
-                self.owner.post(("abort", rid))
-            # Wakes a task still waiting on the queue; the loop sends nothing more.
+            self.owner.abort(self.request_ids)
+            # Wakes a task still waiting on the queue; nothing more is delivered to it.
             self.queue.put_nowait(APIError(499, "the client closed the request"))
 
 
 class EngineLoop:
-    """Runs `engine.step()` in a background thread while there is work."""
+    """Talks to the engine process from the server's event loop."""
 
-    def __init__(self, engine, metrics: Metrics | None = None, stream_interval: int = 1):
+    def __init__(
+        self, engine: EngineProcess, metrics: Metrics | None = None, stream_interval: int = 1
+    ):
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be ≥ 1 token, got {stream_interval}")
         self.engine = engine
         self.stream_interval = stream_interval
         self.metrics = metrics
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._sinks: dict[str, _Sink] = {}  # touched only by the loop thread
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="lowbit-engine-loop", daemon=True)
         self.steps = 0
+        self.event_loop: asyncio.AbstractEventLoop | None = None
+        self._sinks: dict[str, _Sink] = {}
+        self._outbox: list[tuple] = []
+        self._calls: dict[int, asyncio.Future] = {}
+        self._tokens = itertools.count()
+        self._running = False
 
     def start(self) -> None:
-        """Start the loop thread."""
-        self._thread.start()
+        """Start reading the engine process's messages on the running event loop."""
+        self.event_loop = asyncio.get_running_loop()
+        self.event_loop.add_reader(self.engine.results.fileno(), self._read)
+        self._running = True
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the loop; requests still running fail with 503."""
-        self._stopping.set()
-        self._inbox.put(("wake",))
-        self._thread.join(timeout)
+    def stop(self) -> None:
+        """Stop the engine process; requests still running fail with 503."""
+        if self._running:
+            self._running = False
+            self.event_loop.remove_reader(self.engine.results.fileno())
+        self.engine.stop()
+        self._fail_all(APIError(503, "the server is shutting down; retry on another server"))
 
     @property
     def alive(self) -> bool:
-        """Whether the loop thread is running."""
-        return self._thread.is_alive()
-
-    def post(self, command: tuple) -> None:
-        """Hand a command to the loop thread (any thread may call this)."""
-        self._inbox.put(command)
+        """Whether the engine process is running and its messages are being read."""
+        return self._running and self.engine.alive
 
     def subscribe(self, stream: bool) -> Subscription:
         """A new subscription for the calling asyncio task (`stream`: wants deltas as they come)."""
         return Subscription(self, self.stream_interval if stream else 0)
 
-    # ---- the loop thread ----
+    def add(self, rid: str, prompt_ids: list[int], params: SamplingParams, sub) -> None:
+        """Send a request to the engine; its deltas will go to `sub`."""
+        self._sinks[rid] = _Sink(sub, params.n, time.perf_counter())
+        if self.metrics:
+            self.metrics.prompt_tokens.inc(len(prompt_ids))
+        self._post(("add", rid, prompt_ids, params))
 
-    def _run(self) -> None:
-        """Apply commands, step while there is work, deliver deltas; never dies of one request."""
-        while not self._stopping.is_set():
-            try:
-                self._drain(block=not self.engine.has_unfinished())
-                if self.engine.has_unfinished():
-                    self._step()
-                if self.metrics:
-                    self.metrics.observe_engine(self.engine.stats())
-            except Exception:  # a bug in the loop's own bookkeeping must not stop serving
-                logger.exception("engine loop iteration failed; continuing")
-        self._fail_all(APIError(503, "the server is shutting down; retry on another server"))
-
-    def _drain(self, block: bool) -> None:
-        """Apply every queued command; wait for one when the engine is idle."""
-        try:
-            cmd = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            self._apply(cmd)
-            try:
-                cmd = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-
-    def _apply(self, cmd: tuple) -> None:
-        """Add or abort one request."""
-        if cmd[0] == "add":
-            _, rid, prompt_ids, params, sub = cmd
-            if sub.done:
-                return  # the client left before the request reached the engine
-            try:
-                self.engine.add_request(prompt_ids, params, request_id=rid)
-            except (ValueError, TypeError) as e:
-                self._deliver({sub.loop: [(sub, bad_request(e))]})
-                return
-            except Exception as e:
-                logger.exception("add_request failed")
-                self._deliver({sub.loop: [(sub, APIError(500, f"adding the request failed: {e}"))]})
-                return
-            self._sinks[rid] = _Sink(sub, params.n, time.perf_counter())
-            if self.metrics:
-                self.metrics.prompt_tokens.inc(len(prompt_ids))
-        elif cmd[0] == "abort":
-            rid = cmd[1]
+    def abort(self, request_ids: list[str]) -> None:
+        """Abort these requests (their KV blocks are freed); nothing more is delivered for them."""
+        for rid in request_ids:
             if self._sinks.pop(rid, None) is not None:
-                self.engine.abort(rid)  # frees its KV blocks now
-                self.engine.release(rid)
+                self._post(("abort", rid))
 
-    def _step(self) -> None:
-        """One engine step; a failure fails the requests of that batch (500), not the loop."""
-        t0 = time.perf_counter()
+    async def call(self, fn: Callable, *args):
+        """`fn(engine, *args)` run in the engine process (fn must be importable there)."""
+        if not self.alive:
+            raise APIError(503, "the engine process is not running; restart the server")
+        token = next(self._tokens)
+        self._calls[token] = fut = self.event_loop.create_future()
+        self._post(("call", token, fn, args))
+        return await fut
+
+    async def stats(self) -> dict:
+        """The engine's queue and KV-cache occupancy, asked of the engine process now."""
+        return await self.call(engine_stats)
+
+    def _post(self, command: tuple) -> None:
+        """Queue a command; those of one event-loop turn go to the engine as one message."""
+        if not self._outbox:
+            self.event_loop.call_soon(self._flush)
+        self._outbox.append(command)
+
+    def _flush(self) -> None:
+        """Send the queued commands."""
+        cmds, self._outbox = self._outbox, []
+        if cmds and self.alive:
+            self.engine.send(cmds)
+
+    # ---- messages from the engine process ----
+
+    def _read(self) -> None:
+        """Handle the messages waiting in the pipe; a closed pipe means the engine died."""
+        conn = self.engine.results
         try:
-            deltas = self.engine.step()
-        except Exception as e:
-            logger.exception("engine step failed; failing the requests of its batch")
-            self._fail_batch(APIError(500, f"the model failed on this request's batch: {e}"))
-            return
+            for _ in range(_MAX_MESSAGES_PER_READ):
+                if not conn.poll():
+                    return
+                self._handle(self.engine.receive())
+        except (EOFError, OSError):
+            self._engine_died()
+        except Exception:  # a bug in our own bookkeeping must not stop reading
+            logger.exception("handling a message of the engine process failed; continuing")
+
+    def _handle(self, msg: tuple) -> None:
+        """Dispatch one message."""
+        kind = msg[0]
+        if kind == "step":
+            self._step(msg[1], msg[2])
+            if self.metrics:
+                self.metrics.observe_engine(msg[3])
+        elif kind == "stats":
+            if self.metrics:
+                self.metrics.observe_engine(msg[1])
+        elif kind == "fail":
+            _, rids, status, message, param = msg
+            self._fail([r for r in rids if r in self._sinks], APIError(status, message, param))
+        elif kind == "reply":
+            _, token, ok, value = msg
+            fut = self._calls.pop(token, None)
+            if fut is not None and not fut.done():
+                if ok:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(RuntimeError(f"in the engine process: {value}"))
+
+    def _step(self, seconds: float, deltas: list[tuple]) -> None:
+        """Deliver one step's deltas to their subscriptions."""
         self.steps += 1
         now = time.perf_counter()
         if self.metrics:
             self.metrics.steps.inc()
-            self.metrics.step_seconds.inc(now - t0)
-        out: dict = defaultdict(list)
-        for d in deltas:
-            sink = self._sinks.get(d.request_id)
+            self.metrics.step_seconds.inc(seconds)
+        sinks = self._sinks
+        for t in deltas:
+            sink = sinks.get(t[0])
             if sink is None:
                 continue  # aborted or failed earlier
+            d = StreamDelta(*t)
             self._observe(sink, d, now)
             ready = sink.release(d)
             if ready is not None:
-                out[sink.sub.loop].append((sink.sub, ready))
-            if d.finished:
+                sink.sub.queue.put_nowait(ready)
+            if d.finish_reason is not None:
                 sink.finished += 1
                 if sink.finished == sink.n:
-                    del self._sinks[d.request_id]
-                    self.engine.release(d.request_id)
-        self._deliver(out)
+                    del sinks[d.request_id]
 
     def _observe(self, sink: _Sink, d: StreamDelta, now: float) -> None:
         """Token counts, time to first token and inter-token latency."""
@@ -240,36 +253,30 @@ class EngineLoop:
         sink.last_token[d.index] = now
         self.metrics.generation_tokens.inc(len(d.token_ids))
 
-    def _fail_batch(self, error: APIError) -> None:
-        """Fail the running requests, and any whose final deltas the failed step dropped."""
-        sched = self.engine.scheduler
-        running = {s.request_id for s in sched.running}
-        waiting = {s.request_id for s in sched.waiting}
-        doomed = [rid for rid in self._sinks if rid in running or rid not in waiting]
-        self._fail(doomed, error)
+    def _engine_died(self) -> None:
+        """The engine process is gone: stop reading, fail everything waiting on it."""
+        self._running = False
+        self.event_loop.remove_reader(self.engine.results.fileno())
+        proc = self.engine.process
+        proc.join(1)
+        logger.error("the engine process exited unexpectedly (exit code %s)", proc.exitcode)
+        code = proc.exitcode
+        message = f"the engine process exited unexpectedly (exit code {code}); restart the server"
+        self._fail_all(APIError(500, message))
 
     def _fail_all(self, error: APIError) -> None:
-        """Fail every tracked request."""
+        """Fail every tracked request and pending call."""
         self._fail(list(self._sinks), error)
+        calls, self._calls = self._calls, {}
+        for fut in calls.values():
+            if not fut.done():
+                fut.set_exception(error)
 
     def _fail(self, rids: list[str], error: APIError) -> None:
-        """Abort these requests and hand each subscriber the error."""
-        out: dict = defaultdict(list)
+        """Hand each of these requests' subscribers the error; the engine has dropped them."""
         for rid in rids:
             sink = self._sinks.pop(rid)
-            self.engine.abort(rid)
-            self.engine.release(rid)
-            out[sink.sub.loop].append((sink.sub, error))
-        self._deliver(out)
-
-    @staticmethod
-    def _deliver(out: dict) -> None:
-        """Put items on their subscribers' asyncio queues, one wake-up per event loop."""
-        for loop, items in out.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # that event loop has closed; nobody is listening
-                pass
+            sink.sub.queue.put_nowait(error)
 
 
 def _merge(a: StreamDelta, b: StreamDelta) -> StreamDelta:
@@ -295,9 +302,3 @@ def _coalesce(items: list) -> list:
             out.append(key)
         merged[key] = item if prev is None else _merge(prev, item)
     return [merged[x] if isinstance(x, tuple) else x for x in out]
-
-
-def _put_all(items: list) -> None:
-    """Runs on the event loop: hand each item to its subscription."""
-    for sub, item in items:
-        sub.queue.put_nowait(item)

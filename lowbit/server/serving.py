@@ -16,6 +16,7 @@ from starlette.responses import Response, StreamingResponse
 from lowbit.engine.request import SamplingParams, StreamDelta
 from lowbit.engine.tokenizer import chat_ids
 from lowbit.server.engine_loop import EngineLoop, Subscription
+from lowbit.server.engine_process import EngineProcess
 from lowbit.server.errors import APIError, bad_request, invalid
 from lowbit.server.metrics import Metrics
 
@@ -26,9 +27,9 @@ _COMPACT = (",", ":")  # JSON separators without spaces: smaller events
 
 @dataclass
 class ServerState:
-    """The engine, its loop and the server's settings, shared by all routes."""
+    """The engine process, its loop and the server's settings, shared by all routes."""
 
-    engine: object
+    engine: EngineProcess
     loop: EngineLoop
     metrics: Metrics
     model_name: str

@@ -1,18 +1,26 @@
-"""A real uvicorn server on 127.0.0.1 (in a thread) over a tiny random Llama, shared per session."""
+"""A real uvicorn server on 127.0.0.1 (in a thread) over a tiny random Llama, shared per session.
+
+The engine runs in its own process, as in production; tests reach into it with `Served.call`
+(functions of server_faults.py run there) and read its occupancy with `Served.stats`.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
 import pytest
 import uvicorn
 
-import lowbit
+from lowbit.config import EngineArgs
 from lowbit.server.app import create_app
+from lowbit.server.engine_process import EngineProcess
 
 MODEL = "tiny"
 
@@ -26,10 +34,10 @@ def free_port() -> int:
 
 @dataclass
 class Served:
-    """A running server: its URL, engine and app."""
+    """A running server: its URL, engine process and app."""
 
     url: str
-    engine: lowbit.Engine
+    engine: EngineProcess
     app: object
 
     @property
@@ -37,21 +45,32 @@ class Served:
         """The server's engine loop."""
         return self.app.state.server.loop
 
+    def call(self, fn, *args):
+        """`fn(engine, *args)` run in the engine process, from the test's thread."""
+        loop = self.loop
+        return asyncio.run_coroutine_threadsafe(loop.call(fn, *args), loop.event_loop).result(30)
+
+    def stats(self) -> dict:
+        """The engine's queue and KV-cache occupancy, asked of the engine process."""
+        loop = self.loop
+        return asyncio.run_coroutine_threadsafe(loop.stats(), loop.event_loop).result(30)
+
     def wait_idle(self, timeout: float = 10.0) -> dict:
         """Engine stats once nothing runs or waits and no KV block is used (or the timeout)."""
         deadline = time.monotonic() + timeout
         while True:
-            stats = self.engine.stats()
+            stats = self.stats()
             idle = not stats["running"] and not stats["waiting"] and not stats["kv_blocks_used"]
             if idle or time.monotonic() > deadline:
                 return stats
             time.sleep(0.02)
 
 
-@pytest.fixture(scope="session")
-def server(tiny_llama):
-    """Serve the tiny Llama on a free port for the whole session."""
-    engine = lowbit.Engine(str(tiny_llama), device="cpu", max_total_tokens=8192)
+@contextmanager
+def serve(model_dir) -> Iterator[Served]:
+    """A uvicorn server (in a thread) over an engine process serving `model_dir`."""
+    engine = EngineProcess(EngineArgs(str(model_dir), device="cpu", max_total_tokens=8192))
+    engine.start()
     app = create_app(engine, MODEL)
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -61,10 +80,26 @@ def server(tiny_llama):
     while not uv.started:
         assert thread.is_alive() and time.monotonic() < deadline, "the test server did not start"
         time.sleep(0.02)
-    yield Served(f"http://127.0.0.1:{port}", engine, app)
-    uv.should_exit = True
-    thread.join(10)
-    engine.shutdown()
+    try:
+        yield Served(f"http://127.0.0.1:{port}", engine, app)
+    finally:
+        uv.should_exit = True
+        thread.join(10)
+        engine.stop()
+
+
+@pytest.fixture(scope="session")
+def server(tiny_llama):
+    """Serve the tiny Llama on a free port for the whole session."""
+    with serve(tiny_llama) as served:
+        yield served
+
+
+@pytest.fixture
+def own_server(tiny_llama):
+    """A server of the test's own, for tests that break it."""
+    with serve(tiny_llama) as served:
+        yield served
 
 
 @pytest.fixture

@@ -7,6 +7,9 @@ import time
 
 import httpx
 import pytest
+from server_faults import exit_now, fail_forward, restore_forward, slow_forward
+
+from lowbit.server.errors import APIError
 
 MODEL = "tiny"
 EXACT = {"ignore_eos": True}
@@ -50,15 +53,16 @@ def test_64_concurrent_streams(server):
 
 
 @pytest.fixture
-def slow_model(server, monkeypatch):
+def faults(server):
+    """Faults injected into the engine process are undone after the test."""
+    yield server
+    server.call(restore_forward)
+
+
+@pytest.fixture
+def slow_model(faults):
     """Each forward pass takes ≥ 20 ms, so a long request is still running when a client leaves."""
-    forward = server.engine.runner.forward
-
-    def slow(*args, **kwargs):
-        time.sleep(0.02)
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(server.engine.runner, "forward", slow)
+    faults.call(slow_forward, 0.02)
 
 
 def test_stream_disconnect_frees_blocks(server, slow_model):
@@ -68,7 +72,7 @@ def test_stream_disconnect_frees_blocks(server, slow_model):
         with http.stream("POST", "/v1/completions", json=body) as r:
             lines = r.iter_lines()
             assert next(lines).startswith("data: ")
-            assert server.engine.stats()["kv_blocks_used"] > 0
+            assert server.stats()["kv_blocks_used"] > 0
     t0 = time.monotonic()
     stats = server.wait_idle(timeout=2)
     assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
@@ -85,18 +89,9 @@ def test_non_stream_disconnect_frees_blocks(server, slow_model):
     assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
 
 
-def test_model_failure_fails_its_batch_only(server, http, monkeypatch):
+def test_model_failure_fails_its_batch_only(server, http, faults):
     """An exception in the model fails the requests of that step with 500; serving goes on."""
-    forward = server.engine.runner.forward
-    calls = {"n": 0}
-
-    def broken_once(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 1:
-            raise RuntimeError("injected model failure")
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(server.engine.runner, "forward", broken_once)
+    server.call(fail_forward, 1, "injected model failure")
     r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 4})
     assert r.status_code == 500
     assert "injected model failure" in r.json()["error"]["message"]
@@ -106,21 +101,34 @@ def test_model_failure_fails_its_batch_only(server, http, monkeypatch):
     assert server.wait_idle()["kv_blocks_used"] == 0
 
 
-def test_model_failure_mid_stream_sends_error_event(server, http, monkeypatch):
+def test_model_failure_mid_stream_sends_error_event(server, http, faults):
     """A failure after a stream started ends it with an error event and [DONE]."""
-    forward = server.engine.runner.forward
-    calls = {"n": 0}
-
-    def broken_later(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise RuntimeError("injected failure mid-stream")
-        return forward(*args, **kwargs)
-
-    monkeypatch.setattr(server.engine.runner, "forward", broken_later)
+    server.call(fail_forward, 3, "injected failure mid-stream")
     body = {"model": MODEL, "prompt": "Hi", "max_tokens": 20, "stream": True, **EXACT}
     with http.stream("POST", "/v1/completions", json=body) as r:
         data = [line for line in r.iter_lines() if line.startswith("data: ")]
     assert r.status_code == 200
     assert '"error"' in data[-2] and data[-1] == "data: [DONE]"
     assert server.wait_idle()["kv_blocks_used"] == 0
+
+
+def test_engine_process_crash_fails_requests_not_hangs(own_server):
+    """When the engine process dies, running and new requests fail and /health reports it."""
+    served = own_server
+    with httpx.Client(base_url=served.url, timeout=30) as http:
+        assert http.get("/health").status_code == 200
+        served.call(slow_forward, 0.05)
+        body = {"model": MODEL, "prompt": "Hello", "max_tokens": 200, "stream": True, **EXACT}
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+            with pytest.raises(APIError, match="exited unexpectedly"):  # no reply: it is gone
+                served.call(exit_now, 3)
+            rest = [line for line in lines if line.startswith("data: ")]
+        assert '"error"' in rest[-2] and "exited unexpectedly" in rest[-2]
+        assert rest[-1] == "data: [DONE]"
+        health = http.get("/health")
+        assert health.status_code == 503 and health.json()["error"]["message"]
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+        assert r.status_code == 503 and "not running" in r.json()["error"]["message"]
+        assert http.get("/v1/models").status_code == 200  # what needs no engine still answers

@@ -15,16 +15,17 @@ import pytest
 
 import lowbit
 from lowbit import cli, launch_server
+from lowbit.server.engine_process import EngineProcess
 
 
 @pytest.fixture
 def no_weights(monkeypatch):
-    """Fail the test if a flag error is only found after the engine started loading."""
+    """Fail the test if a flag error is only found after the engine process started loading."""
 
-    def engine(*args, **kwargs):
-        raise AssertionError("the engine was built before the flags were checked")
+    def start(self):
+        raise AssertionError("the engine process started before the flags were checked")
 
-    monkeypatch.setattr(lowbit, "Engine", engine)
+    monkeypatch.setattr(EngineProcess, "start", start)
 
 
 @pytest.mark.parametrize(
@@ -81,26 +82,79 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_api_key_on_a_real_server_process(tiny_llama):
-    """401 without or with a wrong key, 200 with it (openai client too), /health always open."""
-    openai = pytest.importorskip("openai")
+def _start_server(tiny_llama, *flags: str) -> tuple[subprocess.Popen, str]:
+    """`python -m lowbit.launch_server` on the tiny model; returns once /health answers 200."""
     port = _free_port()
     cmd = [sys.executable, "-m", "lowbit.launch_server", "--model-path", str(tiny_llama),
-           "--port", str(port), "--api-key", "s3cret", "--served-model-name", "mine",
-           "--device", "cpu", "--max-total-tokens", "2048", "--log-level", "warning"]  # fmt: skip
+           "--port", str(port), "--device", "cpu", "--max-total-tokens", "2048",
+           "--log-level", "warning", *flags]  # fmt: skip
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the server did not come up: {proc.stdout.read().decode()}")
+        try:
+            if httpx.get(f"{url}/health").status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen, sig: int) -> None:
+    """Send `sig` and wait for the server to exit (killing it after 20 s)."""
+    proc.send_signal(sig)
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.monotonic() < deadline, "the server did not come up"
+        proc.wait(20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _descendants(pid: int) -> set[int]:
+    """Live (not zombie) processes whose parent chain leads to `pid`, from /proc."""
+    parent = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z":
+            parent[int(stat.parent.name)] = int(fields[1])
+    out, todo = set(), [pid]
+    while todo:
+        pid = todo.pop()
+        kids = [p for p, pp in parent.items() if pp == pid]
+        out.update(kids)
+        todo += kids
+    return out
+
+
+def _alive(pids: set[int], within: float) -> set[int]:
+    """The processes of `pids` still running (not zombies) after waiting up to `within` s."""
+    deadline = time.monotonic() + within
+    while True:
+        left = set()
+        for pid in pids:
             try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.2)
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state != "Z":
+                left.add(pid)
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
+
+
+def test_api_key_on_a_real_server_process(tiny_llama):
+    """401 without or with a wrong key, 200 with it (openai client too), /health always open."""
+    openai = pytest.importorskip("openai")
+    proc, url = _start_server(tiny_llama, "--api-key", "s3cret", "--served-model-name", "mine")
+    children = _descendants(proc.pid)
+    try:
         for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
             for path in ("/v1/models", "/metrics"):
                 r = httpx.get(url + path, headers=headers)
@@ -119,12 +173,36 @@ def test_api_key_on_a_real_server_process(tiny_llama):
         with pytest.raises(openai.AuthenticationError):
             bad.models.list()
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        _stop(proc, signal.SIGINT)  # Ctrl-C
     assert proc.returncode == 0
+    assert not _alive(children, within=10), "processes outlived the server"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs Linux /proc")
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_server_stops_leave_no_orphan(tiny_llama, sig):
+    """However the server process ends, its engine process (and any helper) ends with it."""
+    proc, url = _start_server(tiny_llama)
+    try:
+        children = _descendants(proc.pid)
+        assert children, "the engine runs in a process of its own"
+        r = httpx.post(f"{url}/generate", json={"text": "Hi", "sampling_params":
+                                                {"max_new_tokens": 2}})  # fmt: skip
+        assert r.status_code == 200
+    finally:
+        _stop(proc, sig)
+    assert proc.returncode == (-sig if sig == signal.SIGKILL else 0)
+    assert not _alive(children, within=10), "processes outlived the server"
+
+
+def test_engine_start_error_fails_before_the_port_is_bound(capsys):
+    """A model path that does not exist: exit status 2 with the engine's message, no listener."""
+    port = _free_port()
+    status = launch_server.main(["--model-path", "/no/such/model", "--port", str(port)])
+    assert status == 2
+    assert "/no/such/model' does not exist" in capsys.readouterr().err
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # still free: nothing ever listened
 
 
 @pytest.mark.skipif(
@@ -136,10 +214,12 @@ def test_demo_model_served_by_default():
     openai = pytest.importorskip("openai")
     from fastapi.testclient import TestClient
 
+    from lowbit.config import EngineArgs
     from lowbit.server.app import create_app
 
     args = launch_server.build_parser().parse_args([])
-    engine = lowbit.Engine(args.model_path, device="cpu")
+    engine = EngineProcess(EngineArgs(args.model_path, device="cpu"))
+    engine.start()
     app = create_app(engine, launch_server.served_name(args))
     with TestClient(app) as http:
         client = openai.OpenAI(base_url="http://testserver/v1", api_key="x", http_client=http)
@@ -149,4 +229,4 @@ def test_demo_model_served_by_default():
             max_tokens=4, extra_body={"ignore_eos": True},
         )  # fmt: skip
         assert out.usage.completion_tokens == 4
-    engine.shutdown()
+    assert not engine.alive  # the app's shutdown stopped the engine process
