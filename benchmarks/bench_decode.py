@@ -10,7 +10,7 @@ skipped when torchao is not installed (it is not on the lent machine).
 
 Variant names: `<scheme>[+fused][+eager]`; scheme `bf16` is lowbit's own unquantized path, the
 others are bench stand-ins over kernels.dispatch (see benchlib.py); `+fused` routes RMSNorm,
-rotary and SwiGLU through the fused Triton kernels (pending wiring in layers/ and models/).
+rotary and SwiGLU through the fused Triton kernels (since run 4 the layers do that themselves).
 """
 
 from __future__ import annotations

@@ -44,11 +44,11 @@ def capability(index: int = 0) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
-# Up to this many tokens FP8 W8A8 may take the split-K Triton W8A8 kernel instead of cuBLAS.
-# 0 until a GPU run confirms it: its FP8 build failed on the H100 (a masked-load fill value,
-# fixed since but not yet re-run). Set to 64 once `pytest -m gpu -k w8a8_triton_fp8` passes
-# there; its INT8 twin beats cuBLAS FP8 by 1.2-1.7x at M <= 16 (benchmarks/RESULTS.md).
-FP8_TRITON_MAX_M = 0
+# Up to this many tokens FP8 W8A8 takes the split-K Triton W8A8 kernel instead of cuBLAS.
+# Verified on the H100 (`pytest -m gpu -k w8a8_triton_fp8`, 2026-11-27); measured there it is
+# 1.15-1.48x bf16 at M <= 16 where cuBLAS FP8 is 0.97-1.09x, except gate_up (both 1.6x).
+# Not measured above 16, so cuBLAS keeps M > 16 (benchmarks/RESULTS.md).
+FP8_TRITON_MAX_M = 16
 
 
 def fp8_mma_supported(device: torch.device) -> bool:
@@ -72,8 +72,9 @@ def _reference(name: str):
 # ---- weight-only int4 / int8 ----
 
 # Up to this many rows W4A16/W8A16 takes the CUDA-core GEMV (one FFMA per weight per row);
-# above it the tensor-core kernel wins (benchmarks/RESULTS.md).
-WNA16_GEMV_MAX_M = 4
+# above it the tensor-core kernel wins: on the H100 the GEMV is 0.97-1.77x bf16 at M = 1 and
+# 0.86-1.61x at M = 2, but 0.3x at M = 4 (benchmarks/RESULTS.md).
+WNA16_GEMV_MAX_M = 2
 
 
 def wna16_gemm(

@@ -62,7 +62,7 @@ def _fp8(dev):
 @pytest.mark.parametrize("K", [272, 2048])
 def test_fp8_scaled_mm(dev, M, per_channel, static_act, K):
     """FP8 W8A8 (per-tensor or per-channel weight; dynamic per-token or static activations);
-    M ≤ 64 runs the split-K Triton kernel, larger M torch._scaled_mm."""
+    M ≤ dispatch.FP8_TRITON_MAX_M runs the split-K Triton kernel, larger M torch._scaled_mm."""
     _fp8(dev)
     gen = torch.Generator().manual_seed(M)
     N = 144

@@ -26,7 +26,7 @@ import triton.language as tl
 from torch import Tensor
 
 NUM_SMS = 132
-MAX_M = 4  # above this the MMA kernel of wna16_gemm.py wins (FFMA per row grows with M)
+MAX_M = 4  # largest M accepted (one FFMA per weight per row); dispatch uses it up to M = 2
 REDUCE_BLOCK = 1024
 
 
