@@ -168,6 +168,18 @@ def e8m0_decode(e: Tensor) -> Tensor:
     return torch.where(e.to(torch.int32) == 255, torch.nan, v)
 
 
+def e8m0_ceil(x: Tensor) -> Tensor:
+    """float32 → uint8 biased exponent of the smallest power of two ≥ x (NVIDIA's RCEIL), clamped
+    to 2^±127; x ≤ 0 → byte 0 (2^-127), inf/NaN → 127 (2^0). Exact: frexp, not ceil(log2(x)),
+    which float32 rounds to the power of two just below it for x a hair above one."""
+    x = x.float()
+    m, e = torch.frexp(x)  # x = m · 2^e, m in [0.5, 1)
+    exp = torch.where(m == 0.5, e - 1, e).clamp(-127, 127)
+    exp = torch.where(x > 0, exp, -127)
+    exp = torch.where(torch.isfinite(x), exp, 0)
+    return (exp + 127).to(torch.uint8)
+
+
 def nf4_like_decode(packed: Tensor, table: Tensor) -> Tensor:
     """bnb 4-bit bytes (first element in the HIGH nibble) → float32 values from `table`."""
     p = packed.to(torch.int64)

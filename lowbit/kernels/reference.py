@@ -14,6 +14,8 @@ from torch import Tensor
 from lowbit.kernels.codes import (
     e2m1_decode,
     e2m1_round,
+    e8m0_ceil,
+    e8m0_decode,
     nf4_like_decode,
     unpack_fp4,
     unpack_int32,
@@ -210,6 +212,42 @@ def fp4_gemm(
     xf = x.float()
     if input_global_scale is not None:
         xf = fake_quant_nvfp4_act(x, input_global_scale, divisor=divisor)
+    return _finish(xf @ w.t(), bias, x.dtype)
+
+
+# ---- MXFP8 (e4m3 codes with a power-of-two e8m0 scale per 1×32 block) ----
+
+MX_BLOCK = 32
+
+
+def dequant_mxfp8(weight: Tensor, weight_scale: Tensor, block: int = MX_BLOCK) -> Tensor:
+    """(N, K) e4m3 codes with (N, K/block) uint8 e8m0 exponents → float32 (N, K)."""
+    return weight.float() * e8m0_decode(weight_scale).repeat_interleave(block, dim=-1)
+
+
+def fake_quant_mx_act(x: Tensor, block: int = MX_BLOCK) -> Tensor:
+    """MXFP8 activations, quantized and back (float32): each row's `block` consecutive inputs share
+    the scale 2^ceil(log2(amax / 448)) (amax / 448 rounded to float32 first, as ModelOpt's
+    `compute_scale_e8m0_NV` does); codes are e4m3, round-to-nearest-even, saturating."""
+    K = x.shape[-1]
+    xg = x.float().reshape(-1, K // block, block)  # (M, K/32, 32)
+    amax = xg.abs().amax(-1, keepdim=True)  # (M, K/32, 1)
+    scale = e8m0_decode(e8m0_ceil(amax / FP8_MAX))
+    q = _to_codes(xg / scale, torch.float8_e4m3fn)
+    return (q.float() * scale).reshape(x.shape)
+
+
+def mxfp8_gemm(
+    x: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None = None,
+    block: int = MX_BLOCK,
+    quantize_input: bool = True,
+) -> Tensor:
+    """MXFP8 W8A8: x (…, K) MX-quantized per 1×32 block @ dequant(W)^T (+ bias) → (…, N)."""
+    w = dequant_mxfp8(weight, weight_scale, block)  # (N, K)
+    xf = fake_quant_mx_act(x, block) if quantize_input else x.float()
     return _finish(xf @ w.t(), bias, x.dtype)
 
 

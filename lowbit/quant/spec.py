@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from lowbit.quant.scheme import QuantScheme, scheme_class
+from lowbit.quant.scheme import QuantScheme, register_scheme, scheme_class
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,12 @@ class ActQuant:
     group_size: int | None = None
     qmax: float | None = None  # absmax divisor when the format's differs from the dtype's max
     threshold: float | None = None  # LLM.int8: |x| at or above it keeps its column in float16
+    scale_dtype: str | None = None  # "e8m0": power-of-two group scales (MX), else float32
 
     def __str__(self) -> str:
         group = f"{self.group_size}" if self.group_size else ""
-        return f"{self.dtype} {self.mode}{group}"
+        scale = f" {self.scale_dtype}" if self.scale_dtype else ""
+        return f"{self.dtype} {self.mode}{group}{scale}"
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,8 @@ class QuantSpec:
             return "wna16"
         if self.weight == "int8" and self.act is not None and self.act.dtype == "int8":
             return "w8a8_int8"
+        if self.weight.startswith("fp8") and self.scale_dtype == "e8m0" and self.group_size:
+            return "mxfp8"
         if self.weight.startswith("fp8"):
             return "w8a8_fp8"
         if self.weight == "fp4_e2m1":
@@ -122,12 +126,16 @@ class QuantSpec:
         sym = "sym" if self.symmetric else "asym"
         act = f" act={self.act}" if self.act else " weight-only"
         order = " act-order" if self.act_order else ""
-        return f"{self.weight} {self.granularity} {sym}{act}{order} [{self.layout}]"
+        scale = f" scale={self.scale_dtype}" if self.scale_dtype == "e8m0" else ""
+        return f"{self.weight} {self.granularity}{scale} {sym}{act}{order} [{self.layout}]"
 
 
 SUPPORTED = (
-    "int2/3/4/8 weight-only, fp8 W8A8/W8A16, int8 W8A8, nvfp4/mxfp4, bitsandbytes nf4/fp4/int8"
+    "int2/3/4/8 weight-only, fp8 W8A8/W8A16, int8 W8A8, mxfp8, nvfp4/mxfp4, "
+    "bitsandbytes nf4/fp4/int8"
 )
+# Registered here, beside the spec that selects it (spec.scheme), so every plan sees it.
+register_scheme("mxfp8", "lowbit.quant.schemes.mxfp8:MXFP8Scheme")
 
 
 def make_scheme(spec: QuantSpec | None) -> QuantScheme:

@@ -107,6 +107,17 @@ def fp8(w: Tensor, granularity: str, block: int = 128):
     return {"weight": q, "weight_scale": s.float()}, q.double() * full.float().double()
 
 
+def mxfp8(w: Tensor):
+    """ModelOpt MXFP8: e4m3 codes, uint8 e8m0 exponents (N, K/32), 2^ceil(log2(amax/448)) per
+    1×32 block (`MXFP8QTensor`), computed here in float64; an all-zero block gets byte 0."""
+    g = _groups(w.double(), 32)  # (N, K/32, 32)
+    amax = g.abs().amax(-1)
+    e = torch.where(amax > 0, torch.ceil(torch.log2(amax / 448)), -127.0).clamp(-127, 127)
+    q = (g / torch.exp2(e)[..., None]).clamp(-448, 448).float().to(torch.float8_e4m3fn)
+    deq = (q.double() * torch.exp2(e)[..., None]).reshape(w.shape)
+    return {"weight": q.reshape(w.shape), "weight_scale": (e + 127).to(torch.uint8)}, deq
+
+
 def int8_channel(w: Tensor):
     """int8 weight, (N, 1) scale amax/127."""
     s = w.double().abs().amax(1, keepdim=True) / 127
