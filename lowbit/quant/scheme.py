@@ -39,6 +39,7 @@ _SCHEMES: dict[str, str] = {
     "w8a8_fp8": "lowbit.quant.schemes.w8a8_fp8:FP8Scheme",
     "w8a8_int8": "lowbit.quant.schemes.w8a8_int8:Int8Scheme",
     "fp4": "lowbit.quant.schemes.fp4:FP4Scheme",
+    "mxfp8": "lowbit.quant.schemes.mxfp8:MXFP8Scheme",
     "bnb": "lowbit.quant.schemes.bnb:BnbScheme",
 }
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from lowbit.quant.scheme import QuantScheme, register_scheme, scheme_class
+from lowbit.quant.scheme import QuantScheme, scheme_class
 
 
 @dataclass(frozen=True)
@@ -134,8 +134,6 @@ SUPPORTED = (
     "int2/3/4/8 weight-only, fp8 W8A8/W8A16, int8 W8A8, mxfp8, nvfp4/mxfp4, "
     "bitsandbytes nf4/fp4/int8"
 )
-# Registered here, beside the spec that selects it (spec.scheme), so every plan sees it.
-register_scheme("mxfp8", "lowbit.quant.schemes.mxfp8:MXFP8Scheme")
 
 
 def make_scheme(spec: QuantSpec | None) -> QuantScheme:
