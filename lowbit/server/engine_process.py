@@ -120,7 +120,7 @@ class EngineProcess:
         proc = self.process
         if proc is None or proc.pid is None:
             return
-        if proc.is_alive() and self.info is not None:  # still loading: nothing to finish
+        if proc.is_alive() and self.info is not None:  # (while loading, nothing is lost)
             try:
                 self.send([("stop",)])
             except (OSError, ValueError):
@@ -132,6 +132,7 @@ class EngineProcess:
                 proc.join(5)
         self.commands.close()
         self.commands.cancel_join_thread()  # nobody will read what is left; don't wait at exit
+        self.results.close()
         atexit.unregister(self.stop)
 
     # The engine's facts, as the routes read them from an in-process Engine.
@@ -208,8 +209,8 @@ class _Worker:
                     self._step()
                 elif cmds:
                     self.send(("stats", engine.stats()))
-            except (BrokenPipeError, EOFError):
-                return  # the server process is gone
+            except (OSError, EOFError):  # sending failed: the server process is gone
+                return
             except Exception:  # a bug in the bookkeeping must not stop serving
                 logger.exception("engine loop iteration failed; continuing")
 
