@@ -146,13 +146,18 @@ def main(argv: list[str] | None = None) -> int:
         check_port(args.host, args.port)
     except ValueError as e:
         parser.error(str(e))
-    # uvicorn restores this handler after its graceful shutdown and re-raises SIGTERM into it:
-    # exit through Python (status 0, cleanup runs) instead of dying of the signal.
-    on_term = signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
+    # uvicorn restores these handlers after its graceful shutdown and re-raises the signal into
+    # them: exit through Python (status 0, cleanup runs) instead of dying of SIGTERM or printing
+    # a KeyboardInterrupt traceback for Ctrl+C.
+    saved = {s: signal.signal(s, lambda signum, frame: sys.exit(0)) for s in _STOP_SIGNALS}
     try:
         return _serve(args, eargs, template, parser.prog)
     finally:
-        signal.signal(signal.SIGTERM, on_term)
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
 def _serve(args: argparse.Namespace, eargs: EngineArgs, template: str | None, prog: str) -> int:
