@@ -31,6 +31,8 @@ def build_parser(prog: str = "python -m lowbit.launch_server") -> argparse.Argum
         help=QUANT_HELP,
     )
     m.add_argument("--torchao-config", default=None, help=TORCHAO_HELP)
+    m.add_argument("--quantize-lm-head", action="store_true",
+                   help="with an online --quantization: quantize lm_head too")  # fmt: skip
     m.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     m.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     m.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)
@@ -95,7 +97,7 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
         max_total_tokens=args.max_total_tokens, max_running_requests=args.max_running_requests,
         max_num_batched_tokens=args.chunked_prefill_size,
         mem_fraction_static=args.mem_fraction_static, disable_cuda_graph=args.disable_cuda_graph,
-        tp_size=args.tp_size,
+        tp_size=args.tp_size, quantize_lm_head=args.quantize_lm_head,
     )  # fmt: skip
 
 
