@@ -398,3 +398,24 @@ def test_quantize_lm_head_when_asked(tiny_bf16):
 def test_quantize_lm_head_misuse_is_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         lowbit.Engine(device="cpu", **kwargs)  # the demo model: tied embeddings
+
+
+@pytest.mark.parametrize("arch", ["llama3-rope", "mistral", "qwen3"])
+@pytest.mark.parametrize("method", ["fp8", "w4a16", "bitsandbytes"])
+def test_every_architecture_quantizes_online(arch, method, tmp_path):
+    """Online methods on each supported architecture (explicit head_dim, tied embeddings, q/k
+    norms): the decoder linears are quantized and the logits stay close to full precision."""
+    from tiny import ARCHS
+
+    assert arch in ARCHS
+    make_tiny_model(tmp_path, arch, dtype=torch.bfloat16)
+    ids = torch.randint(3, 384, (2, 48), generator=torch.Generator().manual_seed(2)).tolist()
+    with lowbit.Engine(str(tmp_path), device="cpu") as engine:
+        ref = engine.logits(ids)
+    with lowbit.Engine(str(tmp_path), device="cpu", quantization=method) as engine:
+        layer = engine.runner.model.model.layers[1]
+        for linear in (layer.self_attn.qkv_proj, layer.mlp.down_proj):
+            assert type(linear.scheme).__name__ != "UnquantizedScheme"
+        got = engine.logits(ids)
+    kl, _ = _kl_top1(got, ref)
+    assert torch.isfinite(got).all() and 0 < kl < (0.02 if method == "fp8" else 0.1), kl
