@@ -148,18 +148,14 @@ def main(argv: list[str] | None = None) -> int:
         check_port(args.host, args.port)
     except ValueError as e:
         parser.error(str(e))
-    # uvicorn restores these handlers after its graceful shutdown and re-raises the signal into
-    # them: exit through Python (status 0, cleanup runs) instead of dying of SIGTERM or printing
-    # a KeyboardInterrupt traceback for Ctrl+C.
-    saved = {s: signal.signal(s, lambda signum, frame: sys.exit(0)) for s in _STOP_SIGNALS}
-    try:
-        return _serve(args, eargs, template, parser.prog)
-    finally:
-        for sig, handler in saved.items():
-            signal.signal(sig, handler)
+    return _serve(args, eargs, template, parser.prog)
 
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _after_uvicorn(signum, frame) -> None:
+    """The signal uvicorn re-raises once it has shut down gracefully: already handled."""
 
 
 def _serve(args: argparse.Namespace, eargs: EngineArgs, template: str | None, prog: str) -> int:
@@ -187,7 +183,16 @@ def _serve(args: argparse.Namespace, eargs: EngineArgs, template: str | None, pr
             name, engine.context_length, url, url,
         )  # fmt: skip
         # The app's shutdown (SIGINT, SIGTERM) stops the engine process; this covers the rest.
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        # uvicorn handles SIGINT/SIGTERM while it serves; after its graceful shutdown it restores
+        # the handlers it found and re-raises the signal into them. Handlers that do nothing let
+        # uvicorn.run return, so the process exits 0 through this function (the engine process is
+        # stopped below) — neither dying of SIGTERM nor printing a KeyboardInterrupt traceback.
+        saved = {s: signal.signal(s, _after_uvicorn) for s in _STOP_SIGNALS}
+        try:
+            uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+        finally:
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
     finally:
         engine.stop()
     return 0
