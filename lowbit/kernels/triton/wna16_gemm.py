@@ -150,6 +150,39 @@ def _wna16_dequant_kernel(
              wd.to(out_ptr.dtype.element_ty), mask=gm)  # fmt: skip
 
 
+def checked_rows(
+    x: Tensor,
+    qweight: Tensor,
+    scales: Tensor,
+    qzeros: Tensor | None,
+    group_size: int,
+    bits: int,
+    bias: Tensor | None,
+    perm: Tensor | None,
+) -> tuple[Tensor, tuple[int, ...], int, int]:
+    """Assert the canonical layout's shapes; x as contiguous rows (M, K) in act order.
+
+    Returns (x2, x's leading shape, N, G). Shared by this kernel and `wna16_gemv`.
+    """
+    assert bits in (4, 8), f"bits={bits}; these kernels handle 4 and 8"
+    P = 32 // bits
+    K = x.shape[-1]
+    N = qweight.shape[1] * P
+    G = K if group_size in (-1, 0) else group_size
+    assert qweight.shape == (K, N // P) and qweight.dtype == torch.int32, qweight.shape
+    assert qweight.stride(1) == 1, qweight.stride()
+    assert K % G == 0 and scales.shape == (K // G, N), (scales.shape, K, N, G)
+    assert scales.stride(1) == 1, scales.stride()
+    assert qzeros is None or (qzeros.shape == (K // G, N // P) and qzeros.stride(1) == 1)
+    assert bias is None or bias.shape == (N,), bias.shape
+    assert G % 16 == 0, f"group size {G} must be a multiple of 16"
+    x2 = x.reshape(-1, K)
+    if perm is not None:
+        assert perm.shape == (K,), perm.shape
+        x2 = x2[:, perm]
+    return x2.contiguous(), x.shape[:-1], N, G
+
+
 def wna16_gemm(
     x: Tensor,
     qweight: Tensor,
@@ -169,23 +202,8 @@ def wna16_gemm(
     perm     (K,)             int64 or None: act-order, x columns are read as x[..., perm]
     returns  (..., N)         x.dtype
     """
-    assert bits in (4, 8), f"bits={bits}; this kernel handles 4 and 8"
-    P = 32 // bits
-    K = x.shape[-1]
-    N = qweight.shape[1] * P
-    G = K if group_size in (-1, 0) else group_size
-    assert qweight.shape == (K, N // P) and qweight.dtype == torch.int32, qweight.shape
-    assert K % G == 0 and scales.shape == (K // G, N), (scales.shape, K, N, G)
-    assert qzeros is None or qzeros.shape == (K // G, N // P), qzeros.shape
-    assert G % 16 == 0, f"group size {G} must be a multiple of 16"
-    assert N % (32 // bits) == 0, f"N={N} must be a multiple of {32 // bits}"
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    if perm is not None:
-        assert perm.shape == (K,), perm.shape
-        x2 = x2[:, perm]
-    x2 = x2.contiguous()
-    M = x2.shape[0]
+    x2, lead, N, G = checked_rows(x, qweight, scales, qzeros, group_size, bits, bias, perm)
+    M, K = x2.shape
     if M > DEQUANT_MIN_M:
         wt = torch.empty(K, N, dtype=x.dtype, device=x.device)
         _wna16_dequant_kernel[(triton.cdiv(K, 32), triton.cdiv(N, 128))](

@@ -25,6 +25,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.triton.wna16_gemm import checked_rows
+
 NUM_SMS = 132
 MAX_M = 4  # largest M accepted (one FFMA per weight per row); dispatch uses it up to M = 2
 REDUCE_BLOCK = 1024
@@ -207,24 +209,8 @@ def wna16_gemv(
     config   keyword overrides of `_config` (block_w, block_k, chunk, warps, waves): tuning
     returns  (..., N)         x.dtype
     """
-    assert bits in (4, 8), f"bits={bits}; this kernel handles 4 and 8"
-    P = 32 // bits
-    K = x.shape[-1]
-    N = qweight.shape[1] * P
-    G = K if group_size in (-1, 0) else group_size
-    assert qweight.shape == (K, N // P) and qweight.dtype == torch.int32, qweight.shape
-    assert qweight.stride(1) == 1, qweight.stride()
-    assert K % G == 0 and scales.shape == (K // G, N), (scales.shape, K, N, G)
-    assert scales.stride(1) == 1, scales.stride()
-    assert qzeros is None or (qzeros.shape == (K // G, N // P) and qzeros.stride(1) == 1)
-    assert bias is None or bias.shape == (N,), bias.shape
-    assert G % 16 == 0, f"group size {G} must be a multiple of 16"
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    if perm is not None:
-        assert perm.shape == (K,), perm.shape
-        x2 = x2[:, perm]
-    x2 = x2.contiguous()
+    x2, lead, N, G = checked_rows(x, qweight, scales, qzeros, group_size, bits, bias, perm)
+    P, K = 32 // bits, x2.shape[1]
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*lead, N)
