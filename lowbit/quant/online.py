@@ -31,7 +31,7 @@ from torch import Tensor
 
 from lowbit.kernels import dispatch
 from lowbit.kernels.codes import NF4_VALUES, pack_int32
-from lowbit.quant.numerics import int_params, quantize_fp8
+from lowbit.quant.numerics import quantize_fp8, quantize_int
 from lowbit.quant.spec import ActQuant, PerChannel, PerGroup, QuantPlan, QuantSpec
 
 logger = logging.getLogger(__name__)
@@ -49,13 +49,14 @@ class OnlineMethod:
     """One online method: the spec its modules get and how a float32 row chunk is quantized.
 
     `quantize(w)` takes rows (n, K) float32 and returns {param: tensor}; `cat_dims[param]` is
-    the dimension along which chunks of that param concatenate (the layout's output dim).
+    the dimension along which chunks of that param concatenate (the layout's output dim), or
+    None for a param every chunk returns alike (a code table).
     """
 
     name: str
     spec: QuantSpec
     quantize: Callable[[Tensor, torch.dtype], dict[str, Tensor]]
-    cat_dims: dict[str, int]
+    cat_dims: dict[str, int | None]
     row_multiple: int = 1  # chunks start at multiples of this many rows (packing along N)
     check: Callable[[int, int], str | None] = lambda n, k: None  # why (N, K) cannot, or None
 
@@ -68,21 +69,17 @@ def _fp8(w: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
 
 def _int8(w: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
     """Symmetric int8 per row: s = amax / 127.5, codes round(w / s) in [-128, 127]."""
-    scale = (w.abs().amax(1, keepdim=True) / 127.5).clamp_min(1e-12)
-    codes = torch.round(w / scale).clamp(-128, 127).to(torch.int8)
-    return {"weight": codes, "weight_scale": scale}
+    r = quantize_int(w, 8, -1, sym=True, scale_dtype=torch.float32)  # unsigned, zero 128
+    return {"weight": (r["codes"].to(torch.int16) - 128).to(torch.int8), "weight_scale": r["scale"]}
 
 
 def _w4a16(w: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
     """Asymmetric uint4 per 128 inputs, as GPTQ v2 tensors: qweight (K/8, n), qzeros (ng, n/8)."""
-    n, K = w.shape
-    wg = w.reshape(n, K // W4_GROUP, W4_GROUP)
-    scale, zero = int_params(wg, 4, sym=False, scale_dtype=dtype)  # (n, ng) each
-    codes = (torch.round(wg / scale[..., None]) + zero[..., None]).clamp(0, 15).reshape(n, K)
+    r = quantize_int(w, 4, W4_GROUP, sym=False, scale_dtype=dtype)  # codes (n, K), (n, ng) rest
     return {
-        "qweight": pack_int32(codes.t(), 4, dim=0),
-        "qzeros": pack_int32(zero.t(), 4, dim=1),
-        "scales": scale.t().to(dtype).contiguous(),
+        "qweight": pack_int32(r["codes"].t(), 4, dim=0),
+        "qzeros": pack_int32(r["zero"].t(), 4, dim=1),
+        "scales": r["scale"].t().contiguous(),
     }
 
 
@@ -94,7 +91,8 @@ def _nf4(w: Tensor, dtype: torch.dtype) -> dict[str, Tensor]:
     table = torch.tensor(NF4_VALUES, device=w.device)
     codes = torch.bucketize(norm, (table[1:] + table[:-1]) / 2).to(torch.uint8).reshape(-1)
     packed = (codes[0::2] << 4) | codes[1::2]  # first element in the high nibble
-    return {"weight": packed.reshape(-1, 1), "weight_absmax": absmax.float()}
+    return {"weight": packed.reshape(-1, 1), "weight_absmax": absmax.float(),
+            "weight_quant_map": table}  # fmt: skip
 
 
 def _w4_check(n: int, k: int) -> str | None:
@@ -106,18 +104,14 @@ def _w4_check(n: int, k: int) -> str | None:
 
 
 _W8 = {"weight": 0, "weight_scale": 0}
+_FP8 = OnlineMethod("fp8", QuantSpec("fp8_e4m3", PerChannel(), "fp8", act=_FP8_ACT), _fp8, _W8)
 METHODS: dict[str, OnlineMethod] = {
     m.name: m
     for m in (
-        OnlineMethod("fp8", QuantSpec("fp8_e4m3", PerChannel(), "fp8", act=_FP8_ACT), _fp8, _W8),
+        _FP8,
+        replace(_FP8, name="w8a8_fp8"),  # SGLang's name for the same scheme
         OnlineMethod(
-            "w8a8_fp8", QuantSpec("fp8_e4m3", PerChannel(), "fp8", act=_FP8_ACT), _fp8, _W8
-        ),
-        OnlineMethod(
-            "w8a8_int8",
-            QuantSpec("int8", PerChannel(), "int8", act=_INT8_ACT),
-            _int8,
-            _W8,
+            "w8a8_int8", QuantSpec("int8", PerChannel(), "int8", act=_INT8_ACT), _int8, _W8
         ),
         OnlineMethod(
             "w4a16",
@@ -131,7 +125,7 @@ METHODS: dict[str, OnlineMethod] = {
             "bitsandbytes",
             QuantSpec("nf4", PerGroup(BNB_BLOCK), "bnb4", scale_dtype="fp32"),
             _nf4,
-            {"weight": 0, "weight_absmax": 0},
+            {"weight": 0, "weight_absmax": 0, "weight_quant_map": None},
             check=lambda n, k: None if k % BNB_BLOCK == 0 else f"in_features {k} % 64 != 0",
         ),
     )
@@ -202,10 +196,10 @@ class OnlinePlan(QuantPlan):
             for k, v in m.quantize(rows, self.dtype).items():
                 parts.setdefault(k, []).append(v)
             del rows
-        out = {k: torch.cat(v, m.cat_dims[k]) if len(v) > 1 else v[0] for k, v in parts.items()}
-        if m.name == "bitsandbytes":
-            out["weight_quant_map"] = torch.tensor(NF4_VALUES, device=self.device)
-        return out
+        return {
+            k: v[0] if len(v) == 1 or m.cat_dims[k] is None else torch.cat(v, m.cat_dims[k])
+            for k, v in parts.items()
+        }
 
 
 def online_plan(name: str, lm_head: bool = False) -> OnlinePlan:

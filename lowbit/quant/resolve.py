@@ -19,6 +19,7 @@ from torch import Tensor
 from lowbit.config import ModelConfig
 from lowbit.kernels.codes import e8m0_decode
 from lowbit.quant.formats.base import FormatResult, TensorIndex
+from lowbit.quant.online import METHODS, online_plan
 from lowbit.quant.spec import QuantPlan
 
 # quant_method → "module:function(qcfg, index) -> FormatResult"
@@ -120,8 +121,6 @@ def _full_precision(
     """Unquantized, or an online method's plan."""
     if quantization is None:
         return QuantPlan()
-    from lowbit.quant.online import METHODS, online_plan
-
     name = quantization.lower()
     if name in METHODS:
         if lm_head and cfg.tie_word_embeddings:
