@@ -60,7 +60,7 @@ class Engine:
         )  # fmt: skip
         self.model_dir = resolve_model_path(self.args.model_path, self.args.revision)
         self.model_config = cfg = ModelConfig.from_dir(self.model_dir)
-        if quantization in CALIBRATED and detect(self.model_dir, cfg) is None:
+        if (quantization or "").lower() in CALIBRATED and detect(self.model_dir, cfg) is None:
             self.model_dir = self._calibrate(quantization)
             self.model_config = cfg = ModelConfig.from_dir(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
@@ -69,7 +69,7 @@ class Engine:
         else:
             plan = resolve_plan(self.model_dir, cfg, quantization, None, self.args.quantize_lm_head)
         self.quant_plan = plan
-        self.runner = ModelRunner(self.args, cfg, plan, self.model_dir)
+        self.runner = ModelRunner(self.args, cfg, plan, self.model_dir, self.tokenizer)
         self.allocator = BlockAllocator(self.runner.num_blocks, self.args.block_size)
         self.scheduler = Scheduler(
             self.allocator, self.args.max_running_requests, self.args.max_num_batched_tokens
@@ -87,7 +87,10 @@ class Engine:
 
         logger.info("--quantization %s on a full-precision checkpoint: calibrating", quantization)
         return calibrated_checkpoint(
-            self.model_dir, quantization, device=self.args.device, progress=self.args.show_progress
+            self.model_dir,
+            quantization.lower(),
+            device=self.args.device,
+            progress=self.args.show_progress,
         )
 
     def _torchao_plan(self, cfg: ModelConfig, name: str):

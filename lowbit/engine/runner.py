@@ -76,8 +76,11 @@ def graph_unsafe(model: nn.Module) -> str | None:
 class ModelRunner:
     """Runs batches of (sequence, new tokens) through the model over a paged KV cache."""
 
-    def __init__(self, args: EngineArgs, cfg: ModelConfig, plan: QuantPlan, model_dir: Path):
+    def __init__(
+        self, args: EngineArgs, cfg: ModelConfig, plan: QuantPlan, model_dir: Path, tokenizer=None
+    ):
         self.args, self.cfg = args, cfg
+        self.tokenizer = tokenizer  # the engine's; read from model_dir only if calibration needs it
         self.device = pick_device(args.device)
         self.dtype = pick_dtype(args.dtype, cfg, self.device)
         self.block_size = args.block_size
@@ -183,7 +186,8 @@ class ModelRunner:
 
     def _calibration_amax(self, model_dir: Path) -> dict[int, tuple[float, float]]:
         """Max |k|, |v| per layer over one prefill of the calibration text (compute-dtype cache)."""
-        ids = load_tokenizer(model_dir)(CALIBRATION_TEXT)["input_ids"]
+        tokenizer = self.tokenizer or load_tokenizer(model_dir)
+        ids = tokenizer(CALIBRATION_TEXT)["input_ids"]
         n = min(len(ids), CALIBRATION_MAX_TOKENS, self.cfg.max_position_embeddings)
         blocks = -(-n // self.block_size)
         caches = self._allocate_kv_cache(blocks, self.dtype)
