@@ -139,10 +139,15 @@ class TorchaoScheme:
         if layer.torchao_linear is None:
             raise ValueError(f"{layer.prefix}: not all shards of the weight were loaded")
         del layer._parameters["weight"]
+        w = layer.torchao_linear.weight
+        # int8dq on CUDA (see `_int8dq_cuda`): torchao's per-row scale as the kernel's (N,) float32
+        layer.int8dq_scale = (
+            w.scale.reshape(-1).float() if self.name == "int8dq" and w.is_cuda else None
+        )
 
     def apply(self, layer, x: Tensor, bias: Tensor | None) -> Tensor:
         """torchao's quantized matmul, then the bias (int8dq on CUDA: see `_int8dq_cuda`)."""
-        if self.name == "int8dq" and x.is_cuda:
+        if layer.int8dq_scale is not None:
             return self._int8dq_cuda(layer, x, bias)
         y = layer.torchao_linear(x)
         return y if bias is None else y + bias
@@ -157,8 +162,7 @@ class TorchaoScheme:
         activation convention (symmetric per token, amax / 127.5, codes in [-128, 127]).
         """
         w = layer.torchao_linear.weight
-        scale = w.scale.reshape(-1).float()
-        return dispatch.int8_gemm(x, w.qdata, scale, None, bias, qmax=127.5)
+        return dispatch.int8_gemm(x, w.qdata, layer.int8dq_scale, None, bias, qmax=127.5)
 
     def describe(self) -> str:
         """Scheme and kernel for `lowbit inspect`."""
