@@ -17,9 +17,10 @@ from lowbit.loader import loader as loader_mod
 from lowbit.quant import online
 from lowbit.tools.eval import engine_scorer, eval_windows, evaluate
 
-# (kwargs, min top-1, max mean KL) on 1,024 held-out tokens of the demo model. Measured:
-# fp8 0.980 / 0.0026, w8a8_int8 0.985 / 0.0010, w4a16 0.935 / 0.015, bitsandbytes 0.933 / 0.012,
-# torchao int8wo 0.988 / 0.0004, int8dq 0.987 / 0.0010, fp8wo 0.986 / 0.0012 (2,040 tokens).
+# (kwargs, min top-1, max mean KL) on the demo model's held-out text (1,020 scored tokens, windows
+# of 256). Measured top-1 / KL: fp8 and w8a8_fp8 0.980 / 0.0026, w8a8_int8 0.989 / 0.0010,
+# w4a16 0.933 / 0.0151, bitsandbytes 0.928 / 0.0122, torchao int8wo 0.990 / 0.0004,
+# int8dq 0.987 / 0.0010, fp8wo 0.983 / 0.0012.
 DEMO_CASES = {
     "fp8": ({"quantization": "fp8"}, 0.97, 0.005),
     "w8a8_fp8": ({"quantization": "w8a8_fp8"}, 0.97, 0.005),
@@ -241,13 +242,12 @@ def test_streaming_holds_one_full_precision_tensor(method, tmp_path, monkeypatch
         gc.collect()
         assert sum(r() is not None for r in live) <= 1
         assert peak["bytes"] <= peak["largest"], peak  # ≤ one earlier tensor still referenced
-        fp_linear, q_bytes, fp_bytes = [], 0, 0
+        fp_linear, q_bytes = [], 0
         for name, p in model.named_parameters():
             if ".layers." in name and name.endswith("proj.weight") and p.dtype == torch.bfloat16:
                 fp_linear.append(name)
             if ".layers." in name and "proj" in name:
                 q_bytes += p.numel() * p.element_size()
-                fp_bytes += p.numel() * 2 if "proj.weight" in name or "qweight" in name else 0
     assert not fp_linear, fp_linear
     cfg = engine.model_config
     per_layer = cfg.hidden_size * (
