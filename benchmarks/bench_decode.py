@@ -8,9 +8,10 @@ next step's metadata), reporting B × steps / seconds. Baseline in the same run:
 eager (same config, random bf16 weights, sdpa, DynamicCache). torchao int4wo-128 + compile is
 skipped when torchao is not installed (it is not on the lent machine).
 
-Variant names: `<scheme>[+fused][+eager]`; scheme `bf16` is lowbit's own unquantized path, the
-others are bench stand-ins over kernels.dispatch (see benchlib.py); `+fused` routes RMSNorm,
-rotary and SwiGLU through the fused Triton kernels (since run 4 the layers do that themselves).
+Variant names: `<scheme>[+eager]`; scheme `bf16` (unquantized) or one of
+benchlib.BENCH_SCHEMES, lowbit's own quantized plans over dummy weights (benchlib.bench_plan).
+RMSNorm, rotary and SwiGLU run the fused Triton kernels in every variant (the layers call them
+since run 4; runs 1–3 had a `+fused` flag that patched them in).
 """
 
 from __future__ import annotations
@@ -23,19 +24,18 @@ from pathlib import Path
 
 import torch
 from benchlib import (
+    bench_plan,
     environment,
     fast_dummy_weights,
-    fused_layers,
     print_table,
     save,
-    stand_in_plan,
     write_model_dir,
 )
 
 from lowbit.config import EngineArgs, ModelConfig
 from lowbit.quant.spec import QuantPlan
 
-DEFAULT_VARIANTS = "bf16+eager,bf16,bf16+fused,fp8+fused,w4a16+fused,w8a8-int8+fused"
+DEFAULT_VARIANTS = "bf16+eager,bf16,fp8,w4a16,w8a8_int8"
 
 
 def _free() -> None:
@@ -61,8 +61,10 @@ def lowbit_decode(model_dir: Path, variant: str, batches: list[int], prompt: int
     from lowbit.engine.runner import ModelRunner
 
     scheme, *flags = variant.split("+")
+    if set(flags) - {"eager"}:
+        raise ValueError(f"variant {variant!r}: the only flag is +eager")
     cfg = ModelConfig.from_dir(model_dir)
-    plan = QuantPlan() if scheme == "bf16" else stand_in_plan(scheme)
+    plan = QuantPlan() if scheme == "bf16" else bench_plan(scheme)
     max_b = max(batches)
     ctx = prompt + steps + 8
     blocks_per_seq = -(-ctx // 16)
@@ -72,7 +74,7 @@ def lowbit_decode(model_dir: Path, variant: str, batches: list[int], prompt: int
         disable_cuda_graph="eager" in flags,
     )  # fmt: skip
     out = []
-    with fast_dummy_weights(), fused_layers("fused" in flags):
+    with fast_dummy_weights():
         t0 = time.perf_counter()
         runner = ModelRunner(args, cfg, plan, model_dir)
         setup_s = time.perf_counter() - t0

@@ -1,11 +1,12 @@
 """Offline throughput: 1,000 synthetic requests with mixed prompt/output lengths through Engine.
 
-    python benchmarks/bench_throughput.py [--requests 1000] [--variant bf16] [--out DIR]
+    python benchmarks/bench_throughput.py [--requests 1000] [--variants bf16,fp8,w4a16] [--out DIR]
 
 Llama-3-8B shape, dummy weights, greedy, ignore_eos; prompt lengths uniform in [--min-prompt,
 --max-prompt], output lengths uniform in [--min-out, --max-out] (seeded). Reports requests/s,
 output tok/s and total (prompt + output) tok/s over the whole `Engine.generate` call, which
-includes scheduling, sampling and detokenization.
+includes scheduling, sampling and detokenization. Variants: bf16, or an online `--quantization`
+method (fp8, w8a8_int8, w4a16, …) over the dummy weights — lowbit's real schemes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import torch
 from benchlib import (
     environment,
     fast_dummy_weights,
-    fused_layers,
     print_table,
     save,
     write_model_dir,
@@ -30,8 +30,10 @@ from benchlib import (
 def run(model_dir: Path, variant: str, args) -> dict:
     """Generate for all requests once; returns the rates."""
     import lowbit
+    from lowbit.quant.online import METHODS
 
-    scheme, *flags = variant.split("+")
+    if variant != "bf16" and variant not in METHODS:
+        raise ValueError(f"variant {variant!r}: use bf16 or an online method {sorted(METHODS)}")
     rng = random.Random(0)
     prompts = [
         [rng.randrange(3, 128256) for _ in range(rng.randint(args.min_prompt, args.max_prompt))]
@@ -42,13 +44,12 @@ def run(model_dir: Path, variant: str, args) -> dict:
          "max_new_tokens": rng.randint(args.min_out, args.max_out)}
         for _ in range(args.requests)
     ]  # fmt: skip
-    with fast_dummy_weights(), fused_layers("fused" in flags):
+    with fast_dummy_weights():
         engine = lowbit.Engine(
             str(model_dir), load_format="dummy", dtype="bfloat16",
             max_running_requests=args.max_running, max_num_batched_tokens=args.batched_tokens,
+            quantization=None if variant == "bf16" else variant,
         )  # fmt: skip
-        if scheme != "bf16":  # stand-in schemes need the runner built with their plan
-            raise ValueError("bench_throughput runs lowbit's own schemes; got " + scheme)
         engine.generate(prompts[:4], params[:4])  # warm up kernels outside the timing
         torch.cuda.synchronize()
         t0 = time.perf_counter()
@@ -71,7 +72,7 @@ def main() -> None:
     """Run, print a one-row table, write JSON."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=1000)
-    ap.add_argument("--variants", default="bf16+fused")
+    ap.add_argument("--variants", default="bf16")
     ap.add_argument("--min-prompt", type=int, default=32)
     ap.add_argument("--max-prompt", type=int, default=512)
     ap.add_argument("--min-out", type=int, default=32)

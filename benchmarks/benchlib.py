@@ -1,13 +1,9 @@
-"""Shared benchmark pieces: the Llama-3-8B shape, environment facts, tables and JSON, and the
-bench-only stand-ins used until the real quantized schemes and fused layers are wired in.
+"""Shared benchmark pieces: the Llama-3-8B shape, environment facts, tables and JSON, the
+quantized plans the decode benchmark runs, and fast dummy weights.
 
-Stand-ins (clearly labelled in every table that uses them):
-  * `StandInPlan` gives each decoder linear a minimal scheme over `lowbit.kernels.dispatch`
-    (W4A16 g128, FP8 row-wise, FP8 128×128 block, INT8 W8A8); lm_head stays bf16. It measures
-    the kernels end to end before `lowbit/quant/schemes/*` call dispatch themselves.
-  * `fused_layers()` swaps RMSNorm / rotary / SwiGLU for the fused Triton kernels
-    (`dispatch.rms_norm`, `dispatch.rotary`, `dispatch.silu_mul`) for the duration of a run:
-    what layers/norm.py, layers/rotary.py and models/llama.py get once they call dispatch.
+  * `bench_plan(name)` is lowbit's own plan and schemes (the ones a checkpoint or an online
+    `--quantization` gets; runs 1–4 used bench-only stand-in schemes over the same dispatch
+    kernels); lm_head stays bf16.
   * `fast_dummy_weights()` draws dummy weights on the GPU: the loader's CPU generator takes
     minutes for 8B parameters, device time the benchmarks cannot spend.
 """
@@ -21,9 +17,6 @@ import platform
 from pathlib import Path
 
 import torch
-from torch import Tensor
-
-from lowbit.kernels import dispatch
 
 LLAMA3_8B = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096,
@@ -98,105 +91,30 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
         print("  ".join(v.rjust(w) for v, w in zip(row, widths)), flush=True)
 
 
-# ---- stand-in schemes over kernels.dispatch ----
+# ---- quantized plans over dummy weights ----
+
+BENCH_SCHEMES = ("fp8", "w8a8_int8", "w4a16", "fp8-block")
 
 
-class _StandIn:
-    """Shared scheme plumbing: no loading (dummy weights only), `describe` for printing."""
+def bench_plan(name: str):
+    """lowbit's own plan for `name`: an online method (fp8 per-channel W8A8, w8a8_int8, w4a16
+    g128 asym), or `fp8-block` — DeepSeek-style 128×128 block weights with 1×128 dynamic
+    activation groups, the spec of a block-FP8 checkpoint. Dummy weights fill the checkpoint-
+    layout params; the schemes repack them as they would a loaded checkpoint."""
+    from lowbit.quant.online import METHODS, online_plan
+    from lowbit.quant.spec import ActQuant, PerBlock, QuantPlan, QuantSpec
 
-    name = "stand-in"
-
-    def process_weights_after_loading(self, layer) -> None:
-        """Dummy weights are drawn in the kernel layout already."""
-
-    def describe(self) -> str:
-        """Scheme and kernel."""
-        return f"bench stand-in {self.name}"
-
-
-class W4A16StandIn(_StandIn):
-    """int4 g128 asymmetric, canonical packed layout → Triton wna16_gemm."""
-
-    name = "w4a16"
-
-    def create_weights(self, layer) -> None:
-        """qweight (K, N/8) int32, scales (K/128, N), qzeros (K/128, N/8)."""
-        K, N = layer.input_size, layer.output_size
-        layer.add_param("qweight", torch.empty(K, N // 8, dtype=torch.int32))
-        layer.add_param("scales", torch.empty(K // 128, N, dtype=layer.params_dtype))
-        layer.add_param("qzeros", torch.empty(K // 128, N // 8, dtype=torch.int32))
-
-    def apply(self, layer, x: Tensor, bias: Tensor | None) -> Tensor:
-        """Weight-only GEMM."""
-        return dispatch.wna16_gemm(x, layer.qweight, layer.scales, layer.qzeros, 128, 4, bias)
+    if name in METHODS:
+        return online_plan(name)
+    if name != "fp8-block":
+        raise ValueError(f"unknown bench scheme {name!r}; use bf16 or one of {BENCH_SCHEMES}")
+    act = ActQuant("fp8_e4m3", "dynamic_group", 128)
+    spec = QuantSpec("fp8_e4m3", PerBlock(128, 128), "fp8", act=act)
+    return QuantPlan(method="fp8-block", description=str(spec),
+                     spec_of=lambda module: spec if ".layers." in module else None)  # fmt: skip
 
 
-class FP8RowStandIn(_StandIn):
-    """FP8 per-channel weight, dynamic per-token activations → torch._scaled_mm."""
-
-    name = "fp8"
-
-    def create_weights(self, layer) -> None:
-        """weight (N, K) e4m3, weight_scale (N,) float32."""
-        N, K = layer.output_size, layer.input_size
-        layer.add_param("weight", torch.empty(N, K, dtype=torch.float8_e4m3fn))
-        layer.add_param("weight_scale", torch.empty(N, dtype=torch.float32))
-
-    def apply(self, layer, x: Tensor, bias: Tensor | None) -> Tensor:
-        """Row-wise scaled FP8 GEMM."""
-        return dispatch.fp8_scaled_mm(x, layer.weight, layer.weight_scale, None, bias)
-
-
-class FP8BlockStandIn(FP8RowStandIn):
-    """FP8 128×128 block weight scales, 1×128 activation groups → Triton fp8_block_gemm."""
-
-    name = "fp8-block"
-
-    def create_weights(self, layer) -> None:
-        """weight (N, K) e4m3, weight_scale (N/128, K/128) float32."""
-        N, K = layer.output_size, layer.input_size
-        layer.add_param("weight", torch.empty(N, K, dtype=torch.float8_e4m3fn))
-        layer.add_param("weight_scale", torch.empty(-(-N // 128), K // 128, dtype=torch.float32))
-
-    def apply(self, layer, x: Tensor, bias: Tensor | None) -> Tensor:
-        """Block-scaled FP8 GEMM."""
-        return dispatch.fp8_block_gemm(x, layer.weight, layer.weight_scale, (128, 128), bias)
-
-
-class Int8StandIn(_StandIn):
-    """INT8 per-channel weight, dynamic per-token activations → Triton int8_gemm."""
-
-    name = "w8a8-int8"
-
-    def create_weights(self, layer) -> None:
-        """weight (N, K) int8, weight_scale (N,) float32."""
-        N, K = layer.output_size, layer.input_size
-        layer.add_param("weight", torch.empty(N, K, dtype=torch.int8))
-        layer.add_param("weight_scale", torch.empty(N, dtype=torch.float32))
-
-    def apply(self, layer, x: Tensor, bias: Tensor | None) -> Tensor:
-        """INT8 GEMM with the dequant in the epilogue."""
-        return dispatch.int8_gemm(x, layer.weight, layer.weight_scale, None, bias)
-
-
-STAND_INS = {c.name: c for c in (W4A16StandIn, FP8RowStandIn, FP8BlockStandIn, Int8StandIn)}
-
-
-def stand_in_plan(name: str):
-    """A QuantPlan giving every decoder linear the stand-in `name`; lm_head stays bf16."""
-    from lowbit.quant.schemes.unquantized import UnquantizedScheme
-    from lowbit.quant.spec import QuantPlan
-
-    cls = STAND_INS[name]
-
-    class StandInPlan(QuantPlan):
-        def scheme_for(self, prefix, sources):
-            return UnquantizedScheme() if prefix == "lm_head" else cls()
-
-    return StandInPlan(method=f"stand-in:{name}", description=cls.name)
-
-
-# ---- fast dummy weights and fused layers ----
+# ---- fast dummy weights ----
 
 
 @torch.no_grad()
@@ -233,27 +151,3 @@ def fast_dummy_weights():
         yield
     finally:
         runner_mod.init_dummy_weights = saved
-
-
-@contextlib.contextmanager
-def fused_layers(enabled: bool = True):
-    """Route RMSNorm, rotary and SwiGLU through the fused Triton kernels for this block."""
-    if not enabled:
-        yield
-        return
-    from lowbit.layers.norm import RMSNorm
-    from lowbit.layers.rotary import RotaryEmbedding
-    from lowbit.models.llama import DecoderMLP
-
-    saved = (RMSNorm.forward, RotaryEmbedding.forward, DecoderMLP.forward)
-    RMSNorm.forward = lambda self, x, residual=None: dispatch.rms_norm(
-        x, self.weight, self.eps, residual
-    )
-    RotaryEmbedding.forward = lambda self, positions, q, k: dispatch.rotary(
-        positions, q, k, self.cos, self.sin
-    )
-    DecoderMLP.forward = lambda self, x: self.down_proj(dispatch.silu_mul(self.gate_up_proj(x)))
-    try:
-        yield
-    finally:
-        RMSNorm.forward, RotaryEmbedding.forward, DecoderMLP.forward = saved
