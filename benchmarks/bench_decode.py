@@ -5,8 +5,9 @@
 Each lowbit variant builds a ModelRunner (CUDA graphs unless the variant says eager), prefills
 B prompts of --prompt tokens, then times --steps greedy decode steps (forward + argmax + the
 next step's metadata), reporting B × steps / seconds. Baseline in the same run: HF transformers
-eager (same config, random bf16 weights, sdpa, DynamicCache). torchao int4wo-128 + compile is
-skipped when torchao is not installed (it is not on the lent machine).
+eager (same config, random bf16 weights, sdpa, DynamicCache), and torchao int4wo-128 with a
+static cache under torch.compile (batch sizes --torchao-batches; skipped when torchao is not
+installed — carry its wheel to the lent machine).
 
 Variant names: `<scheme>[+eager]`; scheme `bf16` (unquantized) or one of
 benchlib.BENCH_SCHEMES, lowbit's own quantized plans over dummy weights (benchlib.bench_plan).
@@ -103,8 +104,8 @@ def lowbit_decode(model_dir: Path, variant: str, batches: list[int], prompt: int
     return out
 
 
-def hf_decode(batches: list[int], prompt: int, steps: int):
-    """HF transformers eager baseline: same shape, random bf16 weights, DynamicCache."""
+def _hf_model():
+    """HF transformers Llama of the benchmark shape on the GPU: random bf16 weights, sdpa."""
     import transformers
     from benchlib import LLAMA3_8B
 
@@ -113,37 +114,77 @@ def hf_decode(batches: list[int], prompt: int, steps: int):
     torch.set_default_dtype(torch.bfloat16)
     try:
         with torch.device("cuda"):
-            model = transformers.LlamaForCausalLM(cfg).eval()
+            return transformers.LlamaForCausalLM(cfg).eval()
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+def _greedy(model, tok, **kw):
+    """One HF decode step: next token ids (B, 1)."""
+    return model(tok, use_cache=True, **kw).logits[:, -1].argmax(-1, keepdim=True)
+
+
+def hf_decode(batches: list[int], prompt: int, steps: int):
+    """HF transformers eager baseline: same shape, random bf16 weights, DynamicCache."""
+    import transformers
+
+    model = _hf_model()
     out = []
     with torch.inference_mode():
         for B in batches:
-            ids = torch.randint(3, cfg.vocab_size, (B, prompt), device="cuda")
+            ids = torch.randint(3, model.config.vocab_size, (B, prompt), device="cuda")
             cache = transformers.DynamicCache()
             res = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             tok = res.logits[:, -1].argmax(-1, keepdim=True)
             n = max(4, steps // 8)
-            for _ in range(2):
-                tok = (
-                    model(tok, past_key_values=cache, use_cache=True)
-                    .logits[:, -1]
-                    .argmax(-1, keepdim=True)
-                )
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(n):
-                tok = (
-                    model(tok, past_key_values=cache, use_cache=True)
-                    .logits[:, -1]
-                    .argmax(-1, keepdim=True)
-                )
+            for i in range(2 + n):
+                if i == 2:
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                tok = _greedy(model, tok, past_key_values=cache)
             torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             out.append({"engine": "hf-eager", "variant": "bf16", "batch": B,
                         "tok_s": B * n / dt, "ms_per_step": 1e3 * dt / n})  # fmt: skip
             print(out[-1], flush=True)
             del cache, res
+            _free()
+    del model
+    _free()
+    return out
+
+
+def torchao_decode(batches: list[int], prompt: int, steps: int):
+    """torchao baseline as its docs run it: HF model, `Int4WeightOnlyConfig(group_size=128)`
+    (tinygemm's tile-packed layout), static KV cache, the decode step under
+    `torch.compile(mode="reduce-overhead")` (CUDA graphs), gpt-fast style."""
+    import transformers
+    from torchao.quantization import Int4WeightOnlyConfig, quantize_
+
+    model = _hf_model()
+    quantize_(model, Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
+    step = torch.compile(_greedy, mode="reduce-overhead", fullgraph=True)
+    out = []
+    with torch.inference_mode():
+        for B in batches:
+            ids = torch.randint(3, model.config.vocab_size, (B, prompt), device="cuda")
+            cache = transformers.StaticCache(config=model.config, max_cache_len=prompt + steps + 8)
+            pos = torch.arange(prompt, device="cuda")
+            tok = _greedy(model, ids, past_key_values=cache, cache_position=pos)
+            t_compile = time.perf_counter()
+            for i in range(3 + steps):  # the first calls compile and record the graph
+                if i == 3:
+                    torch.cuda.synchronize()
+                    t0 = time.perf_counter()
+                pos = torch.tensor([prompt + i], device="cuda")
+                tok = step(model, tok.clone(), past_key_values=cache, cache_position=pos)
+            torch.cuda.synchronize()
+            dt = time.perf_counter() - t0
+            out.append({"engine": "torchao", "variant": "int4wo-128+compile", "batch": B,
+                        "tok_s": B * steps / dt, "ms_per_step": 1e3 * dt / steps,
+                        "setup_s": t0 - t_compile})  # fmt: skip
+            print(out[-1], flush=True)
+            del cache
             _free()
     del model
     _free()
@@ -158,6 +199,11 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument(
+        "--torchao-batches",
+        default="1",
+        help="batch sizes of the torchao int4wo-128+compile baseline ('' skips it)",
+    )
     ap.add_argument("--out", type=Path, default=None, help="also copy the JSON here")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -180,11 +226,21 @@ def main() -> None:
                 rows.append({"engine": "lowbit", "variant": variant, "error": str(e)[:300]})
                 _free()
             save("decode", {"env": env, "rows": rows}, args.out)  # partial results survive
+    tao_batches = [int(b) for b in args.torchao_batches.split(",") if b]
     try:
         import torchao  # noqa: F401
     except ImportError:
+        tao_batches = []
         rows.append({"engine": "torchao", "variant": "int4wo-128+compile",
                      "error": "torchao is not installed here; baseline skipped"})  # fmt: skip
+    if tao_batches:
+        try:
+            rows += torchao_decode(tao_batches, args.prompt, args.steps)
+        except Exception as e:
+            print(f"ERROR torchao: {type(e).__name__}: {e}", flush=True)
+            rows.append({"engine": "torchao", "variant": "int4wo-128+compile",
+                         "error": str(e)[:300]})  # fmt: skip
+            _free()
     hf = {r["batch"]: r["tok_s"] for r in rows if r.get("engine") == "hf-eager"}
     for r in rows:
         if "tok_s" in r and r.get("batch") in hf:

@@ -27,7 +27,7 @@ LLAMA3_8B = dict(
 )  # fmt: skip
 
 
-def write_checkpoint(path: Path, layers: int) -> int:
+def write_checkpoint(path: Path, layers: int, device: str = "cuda") -> int:
     """Random bf16 weights in HF names, a file per layer; returns the largest tensor's bytes."""
     import transformers
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -43,7 +43,7 @@ def write_checkpoint(path: Path, layers: int) -> int:
     ).save_pretrained(path)
     H, inter, V = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
     kv = cfg.num_key_value_heads * cfg.head_dim
-    rnd = lambda *s: (torch.randn(*s, device="cuda") * 0.02).to(torch.bfloat16).cpu()
+    rnd = lambda *s: (torch.randn(*s, device=device) * 0.02).to(torch.bfloat16).cpu()
     ones = torch.ones(H, dtype=torch.bfloat16)
     embed = {"model.embed_tokens.weight": rnd(V, H), "model.norm.weight": ones.clone()}
     save_file({**embed, "lm_head.weight": rnd(V, H)}, path / "model-embed.safetensors")

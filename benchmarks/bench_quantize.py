@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--method", default="w4a16-gptq")
     ap.add_argument("--num-samples", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--device", default="cuda", help="cpu only to smoke-test with a small shape")
     ap.add_argument("--out", default="benchmarks/results/quantize_8b.json")
     args = ap.parse_args()
     from lowbit.tools.quantize.api import QualityGateError, quantize
@@ -39,26 +40,29 @@ def main() -> None:
         src, dst = Path(d) / "src", Path(d) / "out"
         src.mkdir()
         t = time.perf_counter()
-        write_checkpoint(src, args.layers)
+        write_checkpoint(src, args.layers, args.device)
         write_s = time.perf_counter() - t
-        torch.cuda.reset_peak_memory_stats()
+        cuda = args.device.startswith("cuda")
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         try:
             report = quantize(str(src), str(dst), args.method, num_samples=args.num_samples,
-                              seq_len=args.seq_len, device="cuda", eval_max_tokens=1024,
-                              progress=False)  # fmt: skip
+                              seq_len=args.seq_len, device=args.device,
+                              eval_max_tokens=1024)  # fmt: skip
         except QualityGateError:
             report = json.loads((dst / "quantization_report.json").read_text())
         total = time.perf_counter() - t
     row = {
         "method": args.method, "layers": args.layers, "num_samples": args.num_samples,
         "seq_len": args.seq_len, "total_s": total, "phases_s": report.get("time"),
-        "peak_GiB": torch.cuda.max_memory_allocated() / 2**30, "write_checkpoint_s": write_s,
+        "peak_GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        "write_checkpoint_s": write_s,
         "gate_status_random_weights": report.get("status"),
     }  # fmt: skip
     if args.layers != 32:
         row["calibration_s_per_layer"] = report["time"]["calibration_s"] / args.layers
-    meta = {"card": torch.cuda.get_device_name(), "torch": torch.__version__,
+    meta = {"card": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__,
             "date": time.strftime("%Y-%m-%d")}  # fmt: skip
     print(json.dumps(row, indent=2))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

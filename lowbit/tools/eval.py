@@ -159,6 +159,38 @@ def eval_windows(tokenizer, data: str | Path | None, max_tokens: int, seq_len: i
     return wins
 
 
+def scoring_engine(model: str, seq_len: int, **kw):
+    """An Engine for teacher-forced scoring only: a KV cache of one window, no CUDA graphs.
+
+    Sizing the cache from free memory (the serving default) would leave nothing for a second
+    engine, and scoring runs one window at a time.
+    """
+    from lowbit import Engine
+
+    tokens = max(seq_len, 1) + 16  # the window, rounded up to whole blocks by the allocator
+    return Engine(model_path=model, max_total_tokens=tokens, disable_cuda_graph=True,
+                  show_progress=False, **kw)  # fmt: skip
+
+
+def precompute(scorer: Scorer, wins: list[list[int]]) -> Scorer:
+    """Score every window now (results kept on the CPU); the returned scorer replays them.
+
+    Lets two models be scored one after the other, so only one is in device memory at a time.
+    """
+    done = {tuple(ids): scorer(ids) for ids in wins}
+    return lambda ids: done[tuple(ids)]
+
+
+def release(engine) -> None:
+    """Shut an engine down and return its device memory before the next one loads."""
+    import gc
+
+    engine.shutdown()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def run_eval(
     model: str,
     reference: str | None = None,
@@ -170,21 +202,25 @@ def run_eval(
     quantization: str | None = None,
     torchao_config: str | None = None,
 ) -> EvalResult:
-    """Load `model` (quantized online if asked) and `reference` with lowbit; evaluate both."""
-    from lowbit import Engine
+    """Load `model` (quantized online if asked), then `reference`, with lowbit; evaluate both.
 
-    engine = Engine(model_path=model, dtype=dtype, device=device, quantization=quantization,
-                    torchao_config=torchao_config)  # fmt: skip
-    ref_engine = Engine(model_path=reference, dtype=dtype, device=device) if reference else None
+    The models are scored one after the other, so the larger of the two must fit, not both.
+    """
+    engine = scoring_engine(model, seq_len, dtype=dtype, device=device,
+                            quantization=quantization, torchao_config=torchao_config)  # fmt: skip
     try:
         seq_len = min(seq_len, engine.context_length - 1)
         wins = eval_windows(engine.tokenizer, data, max_tokens, seq_len)
-        ref = engine_scorer(ref_engine) if ref_engine is not None else None
-        return evaluate(engine_scorer(engine), wins, ref)
+        if reference is None:
+            return evaluate(engine_scorer(engine), wins)
+        scores = precompute(engine_scorer(engine), wins)
     finally:
-        engine.shutdown()
-        if ref_engine is not None:
-            ref_engine.shutdown()
+        release(engine)
+    ref_engine = scoring_engine(reference, seq_len, dtype=dtype, device=device)
+    try:
+        return evaluate(scores, wins, engine_scorer(ref_engine))
+    finally:
+        release(ref_engine)
 
 
 def eval_main(args) -> int:

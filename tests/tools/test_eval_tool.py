@@ -82,3 +82,28 @@ def test_eval_bad_data(tiny_llama, tmp_path, capsys):
     assert "empty" in capsys.readouterr().err
     assert main(["eval", "--model", str(tiny_llama), "--data", str(tmp_path / "no.txt")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_models_are_scored_one_at_a_time(tiny_llama, monkeypatch):
+    """Each scoring engine holds one window's KV cache, and the first is shut down before the
+    second loads (two serving-sized engines cannot share one GPU)."""
+    import lowbit.tools.eval as ev
+
+    live, peak, made = [], [], []
+    real = ev.scoring_engine
+
+    def tracked(*a, **kw):
+        engine = real(*a, **kw)
+        made.append(engine)
+        live.append(engine)
+        peak.append(len(live))
+        shutdown = engine.shutdown
+        engine.shutdown = lambda: (live.remove(engine), shutdown())
+        return engine
+
+    monkeypatch.setattr(ev, "scoring_engine", tracked)
+    res = run_eval(str(tiny_llama), str(tiny_llama), max_tokens=200, seq_len=64)
+    assert res.kl_mean == pytest.approx(0.0, abs=1e-9)
+    assert len(made) == 2 and max(peak) == 1 and not live
+    for engine in made:
+        assert engine.allocator.num_blocks * engine.args.block_size <= 64 + 2 * 16

@@ -11,44 +11,49 @@ import logging
 import math
 from pathlib import Path
 
-from lowbit.tools.eval import engine_scorer, eval_windows, evaluate, hf_scorer
+from lowbit.tools.eval import (
+    engine_scorer,
+    eval_windows,
+    evaluate,
+    hf_scorer,
+    precompute,
+    release,
+    scoring_engine,
+)
 from lowbit.tools.quantize.methods import Method
 
 logger = logging.getLogger(__name__)
 EVAL_SEQ_LEN = 512
 
 
-def _engine_pair(src_dir: Path, export_dir: Path, device):
-    """(export engine, source engine), or None when lowbit cannot load the export yet."""
-    from lowbit import Engine
-
-    try:
-        quant = Engine(model_path=str(export_dir), device=device, dtype="float32",
-                       show_progress=False)  # fmt: skip
-    except (ValueError, KeyError, NotImplementedError, TypeError, ImportError) as e:
-        logger.info("lowbit cannot load the export yet (%s); evaluating its readback", e)
-        return None, str(e)
-    return (quant, Engine(model_path=str(src_dir), device=device, dtype="float32",
-                          show_progress=False)), None  # fmt: skip
-
-
 def evaluate_export(src_dir: Path, export_dir: Path, max_tokens: int, device=None):
-    """(EvalResult of the export vs the source on built-in held-out text, how it was loaded)."""
+    """(EvalResult of the export vs the source on built-in held-out text, how it was loaded).
+
+    With lowbit's Engine the export is scored first, released, then the source: one model in
+    device memory at a time (an 8B source in float32 alone takes 32 GB).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lowbit.tools.quantize.simulate import from_export
 
     tok = AutoTokenizer.from_pretrained(src_dir)
-    pair, why = _engine_pair(src_dir, export_dir, device)
-    if pair is not None:
-        quant, ref = pair
+    try:
+        quant = scoring_engine(str(export_dir), EVAL_SEQ_LEN, device=device, dtype="float32")
+    except (ValueError, KeyError, NotImplementedError, TypeError, ImportError) as e:
+        logger.info("lowbit cannot load the export yet (%s); evaluating its readback", e)
+        why = str(e)
+    else:
         try:
             seq = min(EVAL_SEQ_LEN, quant.context_length - 1)
             wins = eval_windows(tok, None, max_tokens, seq)
-            return evaluate(engine_scorer(quant), wins, engine_scorer(ref)), "lowbit Engine"
+            scores = precompute(engine_scorer(quant), wins)
         finally:
-            quant.shutdown()
-            ref.shutdown()
+            release(quant)
+        ref = scoring_engine(str(src_dir), EVAL_SEQ_LEN, device=device, dtype="float32")
+        try:
+            return evaluate(scores, wins, engine_scorer(ref)), "lowbit Engine"
+        finally:
+            release(ref)
     dev = device or "cpu"
     model = from_export(src_dir, export_dir, dev)
     ref = AutoModelForCausalLM.from_pretrained(src_dir, dtype="float32").to(dev).eval()
