@@ -40,7 +40,7 @@ def _weights(scheme: str, N: int, K: int) -> tuple[dict, int]:
             "qzeros": torch.randint(-(2**31), 2**31 - 1, (K // 128, N // P), device=d,
                                     dtype=torch.int32),
         }  # fmt: skip
-    elif scheme in ("fp8-row", "fp8-cublas", "fp8-triton", "fp8-tensor"):
+    elif scheme.split(":")[0] in ("fp8-row", "fp8-cublas", "fp8-triton", "fp8-tensor"):
         per_row = scheme != "fp8-tensor"
         w = {
             "w": torch.randn(N, K, device=d).clamp(-8, 8).to(torch.float8_e4m3fn),
@@ -51,7 +51,7 @@ def _weights(scheme: str, N: int, K: int) -> tuple[dict, int]:
             "w": torch.randn(N, K, device=d).clamp(-8, 8).to(torch.float8_e4m3fn),
             "s": torch.rand(N // 128, K // 128, device=d) * 1e-3,
         }
-    elif scheme == "int8":
+    elif scheme.split(":")[0] == "int8":
         w = {
             "w": torch.randint(-127, 128, (N, K), device=d, dtype=torch.int8),
             "s": torch.rand(N, device=d) * 1e-3,
@@ -63,8 +63,17 @@ def _weights(scheme: str, N: int, K: int) -> tuple[dict, int]:
 
 def _call(scheme: str, x, w):
     """Run one GEMM. Probes: "w4a16:warps=8,stages=2" (tensor-core kernel launch config),
-    "w4a16:gemv,block_w=32,block_k=64,chunk=128,warps=1,waves=8" (GEMV config), "w4a16-mma"
-    (the tensor-core kernel at any M), "fp8-triton" (the split-K Triton W8A8 kernel)."""
+    "w4a16:gemv,block_w=32,block_k=64,chunk=128,warps=1,waves=8,stages=2,unroll=1" (GEMV
+    config), "w4a16:tiled,bm=128,bn=128,bk=64,warps=8,stages=3,group_m=8,swap=1" (the tiled
+    GEMM, `wna16_gemm_tiled`; omitted keys keep its defaults), "w4a16-mma" (the tensor-core
+    kernel at any M), "fp8-triton" (the split-K Triton W8A8 kernel); "fp8-triton:gemv,bn=16,
+    bk=256,warps=4,waves=4" / "int8:mma,split=8" (W8A8 through one path with its config)."""
+    if ":" in scheme and scheme.split(":")[0] in ("fp8-triton", "int8"):
+        from lowbit.kernels.triton.w8a8_gemm import w8a8_gemm
+
+        path, _, rest = scheme.split(":")[1].partition(",")
+        over = {k: int(v) for k, v in (kv.split("=") for kv in rest.split(",") if kv)}
+        return w8a8_gemm(x, w["w"], w["s"], config={"path": path, **over})
     if ":" in scheme:
         return _with_wna16_config(scheme, x, w)
     if scheme == "bf16":
@@ -93,16 +102,20 @@ def _call(scheme: str, x, w):
 
 
 def _with_wna16_config(scheme: str, x, w):
-    """W4A16 with a launch config overridden (a tuning probe, not a dispatch path)."""
+    """W4A16 / W8A16 through one kernel with its config overridden (a tuning probe, not a
+    dispatch path)."""
     import lowbit.kernels.triton.wna16_gemm as mod
 
     base, spec = scheme.split(":")
     bits = 4 if base == "w4a16" else 8
-    if spec.startswith("gemv"):
-        from lowbit.kernels.triton.wna16_gemv import wna16_gemv
-
-        over = {k: int(v) for k, v in (kv.split("=") for kv in spec.split(",")[1:])}
-        return wna16_gemv(x, w["qweight"], w["scales"], w["qzeros"], 128, bits, config=over)
+    kernel, _, rest = spec.partition(",")
+    if kernel in ("gemv", "tiled"):
+        over = {k: int(v) for k, v in (kv.split("=") for kv in rest.split(",") if kv)}
+        if kernel == "gemv":
+            from lowbit.kernels.triton.wna16_gemv import wna16_gemv as fn
+        else:
+            from lowbit.kernels.triton.wna16_tiled import wna16_gemm_tiled as fn
+        return fn(x, w["qweight"], w["scales"], w["qzeros"], 128, bits, config=over)
     over = {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
     saved = mod._config
 

@@ -75,6 +75,24 @@ def _reference(name: str):
 # above it the tensor-core kernel wins: on the H100 the GEMV is 0.97-1.77x bf16 at M = 1 and
 # 0.86-1.61x at M = 2, but 0.3x at M = 4 (benchmarks/RESULTS.md).
 WNA16_GEMV_MAX_M = 2
+# int4 weights with at least WNA16_TILED_MIN_TILES 128-column tiles (gate_up_proj of an 8B: 224)
+# take the tiled kernel (triton/wna16_tiled.py) for M in [64, 256], one row tile of
+# next_pow2(M) rows: H100, run 6 — gate_up 184 → 89 µs at M = 64 and 404 → 194 µs at M = 256
+# (1.04× / 0.55× bf16). Weights with fewer tiles (qkv, o, down) and M = 1024 were faster on
+# the existing paths (the tiled kernel has no split-K, and at large M dequant + cuBLAS wins).
+WNA16_TILED_M = (64, 256)
+WNA16_TILED_MIN_TILES = 128
+
+
+def _wna16_op(M: int, N: int, bits: int) -> tuple[str, str, dict | None]:
+    """(module, function, config) of the Triton W4A16/W8A16 path for this shape."""
+    if M <= WNA16_GEMV_MAX_M:
+        return "wna16_gemv", "wna16_gemv", None
+    lo, hi = WNA16_TILED_M
+    if bits == 4 and lo <= M <= hi and -(-N // 128) >= WNA16_TILED_MIN_TILES:
+        bm = 1 << (M - 1).bit_length()  # next power of two ≥ M: one row tile
+        return "wna16_tiled", "wna16_gemm_tiled", {"bm": bm}
+    return "wna16_gemm", "wna16_gemm", None
 
 
 def wna16_gemm(
@@ -88,10 +106,12 @@ def wna16_gemm(
     perm: Tensor | None = None,
 ) -> Tensor:
     """x @ dequant(W)^T for the canonical packed group-wise layout (see triton/wna16_gemm.py);
-    up to WNA16_GEMV_MAX_M rows take the split-K CUDA-core GEMV (triton/wna16_gemv.py)."""
+    up to WNA16_GEMV_MAX_M rows take the split-K CUDA-core GEMV (triton/wna16_gemv.py), wide
+    int4 weights at medium M the tiled kernel (triton/wna16_tiled.py)."""
     if use_triton(x.device) and x.dtype in (torch.float16, torch.bfloat16):
-        op = "wna16_gemv" if x.numel() // x.shape[-1] <= WNA16_GEMV_MAX_M else "wna16_gemm"
-        return _triton(op, op)(x, qweight, scales, qzeros, group_size, bits, bias, perm)
+        module, name, config = _wna16_op(x.numel() // x.shape[-1], scales.shape[-1], bits)
+        args = (x, qweight, scales, qzeros, group_size, bits, bias, perm)
+        return _triton(module, name)(*args, **({"config": config} if config else {}))
     return _reference("wna16_gemm")(x, qweight, scales, qzeros, group_size, bits, bias, perm)
 
 

@@ -26,6 +26,27 @@ def gpu_device() -> torch.device:
     return torch.device(name)
 
 
+@pytest.fixture(autouse=True)
+def interpreter_scalar_index(monkeypatch):
+    """Let Triton 3.6's interpreter use runtime loop bounds under numpy ≥ 2.4.
+
+    The interpreter holds scalars as 1-element arrays and turns them into Python ints with
+    int(array), which numpy 2.4 refuses for arrays that are not 0-d, so every kernel with a
+    `range` over a runtime value failed when interpreted. Compiled runs are unaffected.
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    import triton.runtime.interpreter as interp
+
+    patch = interp._patch_lang_tensor
+
+    def patch_with_item(tensor, scope):
+        patch(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    monkeypatch.setattr(interp, "_patch_lang_tensor", patch_with_item)
+
+
 def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
     """‖got − ref‖ / ‖ref‖ in float64; NaN anywhere fails."""
     assert not torch.isnan(got).any(), "NaN in kernel output"

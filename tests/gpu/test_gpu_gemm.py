@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gpu_util import ACT_DTYPE, gpu_device, quantize_wna16, rel_err  # noqa: F401
+from gpu_util import (  # noqa: F401
+    ACT_DTYPE,
+    gpu_device,
+    interpreter_scalar_index,
+    quantize_wna16,
+    rel_err,
+)
 
 from lowbit.kernels import dispatch
 
@@ -49,6 +55,81 @@ def test_wna16_gemm_act_order_perm(dev):
         qzeros.to(dev), 128, 4, None, perm.to(dev),
     )  # fmt: skip
     assert rel_err(y, x[:, perm].double() @ deq.double().t()) < 1e-2
+
+
+# (bits, group, sym, K, N, config): N and K off the 128-wide tiles, G = 32 (bk 32) and
+# per-channel, the plain (unswapped) MMA, and small tiles with a short GROUP_M.
+TILED_CASES = [
+    (4, 128, False, 384, 136, None),
+    (8, 32, True, 160, 72, None),
+    (4, -1, True, 192, 264, {"swap": 0}),
+    (8, 64, False, 320, 4104, {"bm": 32, "bn": 64, "bk": 32, "group_m": 2}),
+    (4, 128, True, 256, 520, {"bm": 64, "bn": 256, "bk": 128, "stages": 2, "swap": 0}),
+]
+
+
+@pytest.mark.parametrize("M", MS)
+@pytest.mark.parametrize("bits,group,sym,K,N,config", TILED_CASES)
+def test_wna16_gemm_tiled(dev, M, bits, group, sym, K, N, config):
+    """The tiled dequantize-in-registers GEMM against the dequantized weight, with bias."""
+    from lowbit.kernels.triton.wna16_tiled import wna16_gemm_tiled
+
+    gen = torch.Generator().manual_seed(M + K + N)
+    w = torch.randn(N, K, generator=gen)
+    qweight, scales, qzeros, deq = quantize_wna16(w, bits, K if group == -1 else group, sym)
+    x = torch.randn(M, K, generator=gen)
+    bias = torch.randn(N, generator=gen)
+    d = lambda t: None if t is None else t.to(dev)
+    y = wna16_gemm_tiled(
+        x.to(dev, ACT_DTYPE), d(qweight), scales.to(dev, ACT_DTYPE), d(qzeros), group, bits,
+        bias.to(dev, ACT_DTYPE), config=config,
+    )  # fmt: skip
+    assert y.shape == (M, N) and y.dtype == ACT_DTYPE
+    assert rel_err(y, x.double() @ deq.double().t() + bias.double()) < 1e-2
+
+
+@pytest.mark.parametrize("swap", [0, 1])
+def test_wna16_gemm_tiled_act_order(dev, swap):
+    """Act-order through `perm`, a 3-D input, no bias."""
+    from lowbit.kernels.triton.wna16_tiled import wna16_gemm_tiled
+
+    gen = torch.Generator().manual_seed(4)
+    K, N, M = 256, 200, 33
+    qweight, scales, qzeros, deq = quantize_wna16(torch.randn(N, K, generator=gen), 4, 64, False)
+    perm = torch.randperm(K, generator=gen)
+    x = torch.randn(M, K, generator=gen)
+    y = wna16_gemm_tiled(
+        x.reshape(3, 11, K).to(dev, ACT_DTYPE), qweight.to(dev), scales.to(dev, ACT_DTYPE),
+        qzeros.to(dev), 64, 4, None, perm.to(dev), config={"swap": swap},
+    )  # fmt: skip
+    assert y.shape == (3, 11, N)
+    assert rel_err(y.reshape(M, N), x[:, perm].double() @ deq.double().t()) < 1e-2
+
+
+GEMV_KNOBS = [{"stages": 2, "unroll": 1}, {"block_k": 16, "chunk": 64, "stages": 3, "unroll": 1}]
+
+
+@pytest.mark.parametrize("config", GEMV_KNOBS)
+@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize(
+    "bits,group,sym,K,N", [(4, 128, False, 384, 136), (8, 64, True, 320, 2056)]
+)
+def test_wna16_gemv_knobs(dev, M, bits, group, sym, K, N, config):
+    """The GEMV's pipelining knobs (stages, unrolled chunk loop) leave the result unchanged."""
+    from lowbit.kernels.triton.wna16_gemv import wna16_gemv
+
+    gen = torch.Generator().manual_seed(M + K)
+    w = torch.randn(N, K, generator=gen)
+    qweight, scales, qzeros, deq = quantize_wna16(w, bits, group, sym)
+    x = torch.randn(M, K, generator=gen)
+    bias = torch.randn(N, generator=gen)
+    d = lambda t: None if t is None else t.to(dev)
+    y = wna16_gemv(
+        x.to(dev, ACT_DTYPE), d(qweight), scales.to(dev, ACT_DTYPE), d(qzeros), group, bits,
+        bias.to(dev, ACT_DTYPE), config=config,
+    )  # fmt: skip
+    assert y.shape == (M, N)
+    assert rel_err(y, x.double() @ deq.double().t() + bias.double()) < 1e-2
 
 
 def _fp8(dev):
@@ -149,3 +230,17 @@ def test_act_quant_round_trip(dev, dtype, group):
     deq = q.float().cpu().reshape(17, -1, g) * s.cpu()[..., None]
     assert not torch.isnan(deq).any()
     assert rel_err(deq.reshape(17, 384), x.bfloat16().float()) < 3e-2
+
+
+@pytest.mark.parametrize("M", [64, 200])
+def test_dispatch_takes_tiled_for_wide_int4(dev, M):
+    """Wide int4 weights at medium M route to the tiled kernel (dispatch._wna16_op) and match."""
+    K, N = 256, 128 * dispatch.WNA16_TILED_MIN_TILES
+    assert dispatch._wna16_op(M, N, 4)[0] == "wna16_tiled"
+    gen = torch.Generator().manual_seed(M)
+    w = torch.randn(N, K, generator=gen)
+    qweight, scales, qzeros, deq = quantize_wna16(w, 4, 128, False)
+    x = torch.randn(M, K, generator=gen)
+    y = dispatch.wna16_gemm(x.to(dev, ACT_DTYPE), qweight.to(dev), scales.to(dev, ACT_DTYPE),
+                            qzeros.to(dev), 128, 4)  # fmt: skip
+    assert rel_err(y, x.double() @ deq.double().t()) < 1e-2

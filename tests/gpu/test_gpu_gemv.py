@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gpu_util import ACT_DTYPE, gpu_device, quantize_wna16, rel_err  # noqa: F401
+from gpu_util import (  # noqa: F401
+    ACT_DTYPE,
+    gpu_device,
+    interpreter_scalar_index,
+    quantize_wna16,
+    rel_err,
+)
 
 from lowbit.kernels import dispatch
 
@@ -95,3 +101,16 @@ def test_wna16_gemv_graph_replay_equals_eager(dev, sym):
     torch.cuda.synchronize()
     assert torch.equal(out, gemv(xs, args[0], args[1], args[2], 128, 4, args[3]))
     assert not torch.equal(out, eager)
+
+
+def test_wna16_gemv_pipelined_default(dev):
+    """A weight past PIPELINED_MIN_NK at M = 1 takes the pipelined config by default."""
+    from lowbit.kernels.triton import wna16_gemv as mod
+
+    K, N = 4096, 6144
+    assert N * K >= mod.PIPELINED_MIN_NK
+    assert mod._config(1, N, K, 128, 8)[5:] == (2, 1)  # stages, unroll
+    qweight, scales, qzeros, deq, x, _ = _problem(1, 4, 128, False, K, N, 5)
+    y = dispatch.wna16_gemm(x.to(dev, ACT_DTYPE), qweight.to(dev), scales.to(dev, ACT_DTYPE),
+                            qzeros.to(dev), 128, 4)  # fmt: skip
+    assert rel_err(y, x.double() @ deq.double().t()) < 1e-2

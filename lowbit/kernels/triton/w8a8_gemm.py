@@ -14,12 +14,26 @@ import triton.language as tl
 from torch import Tensor
 
 from lowbit.kernels.triton.act_quant import act_quant
+from lowbit.kernels.triton.w8a8_gemv import w8a8_gemv
 
 NUM_SMS = 132
+# At M = 1 the CUDA-core GEMV (w8a8_gemv.py, `GEMV_CONFIG`) replaces the MMA kernel for
+# weights of ≥ GEMV_MIN_NK values with K ≤ GEMV_MAX_K. H100, run 6 of benchmarks/RESULTS.md
+# (FP8, µs): qkv 18.2 → 17.3, gate_up 55.7 → 50.9; down (K = 14336) and o_proj (4096²) were
+# no faster on the GEMV's config and stay on the MMA kernel.
+GEMV_MIN_NK = 20 * 2**20
+GEMV_MAX_K = 8192
+GEMV_CONFIG = {"waves": 8, "stages": 3}
 
 
-def _config(M: int, N: int, K: int) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) by problem size."""
+def _gemv_path(M: int, N: int, K: int) -> bool:
+    """Whether dispatch's default for this shape is the CUDA-core GEMV."""
+    return M == 1 and N * K >= GEMV_MIN_NK and K <= GEMV_MAX_K
+
+
+def _config(M: int, N: int, K: int, **over) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K, num_warps, num_stages) by problem size; `over`
+    replaces any of bn, bk, split, warps, stages (tuning probes)."""
     if M <= 16:
         bm, bn, bk, warps, stages = 16, 64, 256, 4, 4
     elif M <= 64:
@@ -31,7 +45,8 @@ def _config(M: int, N: int, K: int) -> tuple[int, int, int, int, int, int]:
     split = 1
     while tiles * split < 2 * NUM_SMS and k_iters // (split * 2) >= 4 and M <= 64:
         split *= 2
-    return bm, bn, bk, split, warps, stages
+    c = {"bn": bn, "bk": bk, "split": split, "warps": warps, "stages": stages, **over}
+    return bm, c["bn"], c["bk"], c["split"], c["warps"], c["stages"]
 
 
 @triton.jit
@@ -84,6 +99,7 @@ def w8a8_gemm(
     input_scale: Tensor | None = None,
     bias: Tensor | None = None,
     qmax: float | None = None,
+    config: dict | None = None,
 ) -> Tensor:
     """x @ dequant(W)^T (+ bias), x quantized to W's dtype per token (or by a static scale).
 
@@ -92,6 +108,7 @@ def w8a8_gemm(
     weight_scale  (N,) / (N, 1) / () / (1,)   float32
     input_scale   () / (1,)  float32 static per-tensor scale, or None for dynamic per token
     qmax          dynamic scale divisor (default 127 int8 / 448 fp8; compressed-tensors 127.5)
+    config        tuning: {"path": "gemv" | "mma", and that path's launch overrides}
     returns       (..., N)   x.dtype
     """
     N, K = weight.shape
@@ -113,7 +130,13 @@ def w8a8_gemm(
         y = (x2.float() / s).round() if is_int else x2.float() / s
         xq = y.clamp(lo, hi).to(weight.dtype)
         xs = s.expand(M, 1)
-    bm, bn, bk, split, warps, stages = _config(M, N, K)
+    over = dict(config or {})
+    path = over.pop("path", None)
+    if path is None and _gemv_path(M, N, K):
+        path, over = "gemv", GEMV_CONFIG
+    if path == "gemv":
+        return w8a8_gemv(xq, xs, weight, ws, bias, x.dtype, over).reshape(*lead, N)
+    bm, bn, bk, split, warps, stages = _config(M, N, K, **over)
     if split == 1:
         out = torch.empty(1, M, N, dtype=x.dtype, device=x.device)
     else:

@@ -13,6 +13,7 @@ Act-order (GPTQ desc_act) checkpoints are handled outside: the scheme sorts K by
 load and passes `perm`, so groups here are always contiguous runs of G along K.
 Small M splits K across programs (partial sums reduced in fp32) so a batch-1 GEMV fills the GPU.
 The group scale multiplies each K tile's partial product, not every weight.
+The conventional tiled GEMM over the same layout is `wna16_tiled.py`.
 """
 
 from __future__ import annotations

@@ -32,35 +32,41 @@ MAX_M = 4  # largest M accepted (one FFMA per weight per row); dispatch uses it 
 REDUCE_BLOCK = 1024
 
 
-def _config(
-    M: int,
-    N: int,
-    K: int,
-    G: int,
-    P: int,
-    block_w: int | None = None,
-    block_k: int = 32,
-    chunk: int = 128,
-    warps: int = 1,
-    waves: int = 8,
-) -> tuple[int, int, int, int, int]:
-    """(BLOCK_W, BLOCK_K, CHUNK, chunks_per_split, num_warps) by problem size.
+# At M = 1 weights of at least this many values take the pipelined config (64-row chunks,
+# tiles unrolled, loads two chunks deep): H100, run 6 of benchmarks/RESULTS.md — qkv 1.09 →
+# 1.20×, gate_up 1.78 → 2.29×, down 1.29 → 1.53× bf16; o_proj (4096²) lost (0.98 → 0.80×).
+PIPELINED_MIN_NK = 20 * 2**20
+
+
+def _config(M: int, N: int, K: int, G: int, P: int, **over) -> tuple[int, ...]:
+    """(BLOCK_W, BLOCK_K, CHUNK, chunks_per_split, num_warps, num_stages, UNROLL) by size.
 
     BLOCK_W words a program (4 per thread along N, 16-byte loads; the rest of a warp's lanes
     and the warps run along K). Splits aim at `waves` warps an SM but keep whole chunks, and
-    split evenly (no bounds checks in the K loop).
+    split evenly (no bounds checks in the K loop). With unroll=1 the loop over a chunk's K
+    tiles is unrolled, leaving the chunk loop as the only loop, which the software pipeliner
+    then prefetches `stages` - 1 chunks ahead. `over` replaces any of block_w, block_k, chunk,
+    warps, waves, stages, unroll (tuning probes).
     """
+    c = {"block_w": 32 if M <= 2 else 64, "block_k": 32, "chunk": 128, "warps": 1, "waves": 8,
+         "stages": 1, "unroll": 0}  # fmt: skip
+    if M == 1 and P == 8 and N * K >= PIPELINED_MIN_NK:  # measured for int4 only
+        c.update(chunk=64, stages=2, unroll=1)
+    if set(over) - set(c):
+        raise ValueError(f"unknown GEMV config keys {sorted(set(over) - set(c))}; use {list(c)}")
+    c.update(over)
+    block_w, block_k, chunk, warps, waves, stages, unroll = (
+        c[k] for k in ("block_w", "block_k", "chunk", "warps", "waves", "stages", "unroll")
+    )
     chunk = min(chunk, G & -G)  # a power of two dividing G: a chunk never straddles a group
     block_k = min(block_k, chunk)
-    if block_w is None:
-        block_w = 32 if M <= 2 else 64
     cols = triton.cdiv(N // P, block_w)
     chunks = K // chunk
     want = max(1, (waves * NUM_SMS) // (cols * warps))  # programs along K
     per_split = max(1, triton.cdiv(chunks, want))
     while chunks % per_split:
         per_split += 1
-    return block_w, block_k, chunk, per_split, warps
+    return block_w, block_k, chunk, per_split, warps, stages, unroll
 
 
 @triton.jit
@@ -82,6 +88,32 @@ def _dot_rows(w, x, i: tl.constexpr, BITS: tl.constexpr):
     """(BM, BW) partial Σ_k x[m, k] · (2^BITS + code_i[k, w]) of one tile."""
     f = _codes_f32(w, i, BITS)  # (BK, BW)
     return tl.sum(f[None, :, :] * x[:, :, None], axis=1)
+
+
+@triton.jit
+def _k_tile(p0, p1, p2, p3, p4, p5, p6, p7, xsum, k0, x_ptr, qw_ptr, rm, rj, m_mask, j_mask,
+            stride_xm, stride_qk, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+            EVEN_W: tl.constexpr):  # fmt: skip
+    """Add K rows k0… of one (BK, BW) weight tile to the per-code sums p_i and to Σx."""
+    rk = k0 + tl.arange(0, BLOCK_K)
+    wp = qw_ptr + rk[:, None] * stride_qk + rj[None, :]
+    if EVEN_W:
+        w = tl.load(wp, eviction_policy="evict_first")  # (BK, BW) int32
+    else:
+        w = tl.load(wp, mask=j_mask[None, :], other=0, eviction_policy="evict_first")
+    xp = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    x = tl.load(xp, mask=m_mask[:, None], other=0.0).to(tl.float32)  # (BM, BK)
+    xsum += tl.sum(x, axis=1)
+    p0 += _dot_rows(w, x, 0, BITS)
+    p1 += _dot_rows(w, x, 1, BITS)
+    p2 += _dot_rows(w, x, 2, BITS)
+    p3 += _dot_rows(w, x, 3, BITS)
+    if BITS == 4:  # codes 4-7 exist only for 8 codes a word
+        p4 += _dot_rows(w, x, 4, BITS)
+        p5 += _dot_rows(w, x, 5, BITS)
+        p6 += _dot_rows(w, x, 6, BITS)
+        p7 += _dot_rows(w, x, 7, BITS)
+    return p0, p1, p2, p3, p4, p5, p6, p7, xsum
 
 
 @triton.jit
@@ -115,7 +147,7 @@ def _wna16_gemv_kernel(
     stride_xm, stride_qk, stride_sg, stride_zg, stride_os, stride_om,
     GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
-    EVEN_W: tl.constexpr,
+    EVEN_W: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     P: tl.constexpr = 32 // BITS
     pid_w = tl.program_id(0)
@@ -127,28 +159,23 @@ def _wna16_gemv_kernel(
     zero = tl.zeros([BLOCK_M, BLOCK_W], tl.float32)
     a0, a1, a2, a3, a4, a5, a6, a7 = zero, zero, zero, zero, zero, zero, zero, zero
     c_lo = pid_k * per_split
-    for c in range(c_lo, c_lo + per_split):  # per_split divides the chunk count
+    # per_split divides the chunk count. The launch's num_stages pipelines only loads that feed
+    # a tl.dot (there is none here); the loop's own num_stages pipelines these loads as well.
+    for c in tl.range(c_lo, c_lo + per_split, num_stages=STAGES):
         p0, p1, p2, p3, p4, p5, p6, p7 = zero, zero, zero, zero, zero, zero, zero, zero
         xsum = tl.zeros([BLOCK_M], tl.float32)
-        for t in range(CHUNK // BLOCK_K):
-            rk = c * CHUNK + t * BLOCK_K + tl.arange(0, BLOCK_K)
-            wp = qw_ptr + rk[:, None] * stride_qk + rj[None, :]
-            if EVEN_W:
-                w = tl.load(wp, eviction_policy="evict_first")  # (BK, BW) int32
-            else:
-                w = tl.load(wp, mask=j_mask[None, :], other=0, eviction_policy="evict_first")
-            xp = x_ptr + rm[:, None] * stride_xm + rk[None, :]
-            x = tl.load(xp, mask=m_mask[:, None], other=0.0).to(tl.float32)  # (BM, BK)
-            xsum += tl.sum(x, axis=1)
-            p0 += _dot_rows(w, x, 0, BITS)
-            p1 += _dot_rows(w, x, 1, BITS)
-            p2 += _dot_rows(w, x, 2, BITS)
-            p3 += _dot_rows(w, x, 3, BITS)
-            if P == 8:
-                p4 += _dot_rows(w, x, 4, BITS)
-                p5 += _dot_rows(w, x, 5, BITS)
-                p6 += _dot_rows(w, x, 6, BITS)
-                p7 += _dot_rows(w, x, 7, BITS)
+        if UNROLL:  # the chunk loop is then innermost, so num_stages > 1 pipelines it
+            for t in tl.static_range(CHUNK // BLOCK_K):
+                p0, p1, p2, p3, p4, p5, p6, p7, xsum = _k_tile(
+                    p0, p1, p2, p3, p4, p5, p6, p7, xsum, c * CHUNK + t * BLOCK_K, x_ptr, qw_ptr,
+                    rm, rj, m_mask, j_mask, stride_xm, stride_qk, BITS, BLOCK_K, EVEN_W,
+                )  # fmt: skip
+        else:
+            for t in range(CHUNK // BLOCK_K):
+                p0, p1, p2, p3, p4, p5, p6, p7, xsum = _k_tile(
+                    p0, p1, p2, p3, p4, p5, p6, p7, xsum, c * CHUNK + t * BLOCK_K, x_ptr, qw_ptr,
+                    rm, rj, m_mask, j_mask, stride_xm, stride_qk, BITS, BLOCK_K, EVEN_W,
+                )  # fmt: skip
         g = (c * CHUNK) // GROUP
         s_row = s_ptr + g * stride_sg
         z_row = z_ptr + g * stride_zg
@@ -206,7 +233,8 @@ def wna16_gemv(
     qzeros   (K // G, N // P) int32 or None (symmetric)
     bias     (N,) or None
     perm     (K,)             int64 or None: act-order, x columns are read as x[..., perm]
-    config   keyword overrides of `_config` (block_w, block_k, chunk, warps, waves): tuning
+    config   keyword overrides of `_config` (block_w, block_k, chunk, warps, waves, stages,
+             unroll): tuning
     returns  (..., N)         x.dtype
     """
     x2, lead, N, G = checked_rows(x, qweight, scales, qzeros, group_size, bits, bias, perm)
@@ -215,7 +243,9 @@ def wna16_gemv(
     if M == 0:
         return x.new_empty(*lead, N)
     assert M <= MAX_M, f"M={M}: wna16_gemv is the small-M path (M ≤ {MAX_M})"
-    block_w, block_k, chunk, per_split, warps = _config(M, N, K, G, P, **(config or {}))
+    block_w, block_k, chunk, per_split, warps, stages, unroll = _config(
+        M, N, K, G, P, **(config or {})
+    )
     assert G % chunk == 0 and chunk % block_k == 0 and (K // chunk) % per_split == 0
     split = K // chunk // per_split
     block_m = triton.next_power_of_2(max(M, 1))
@@ -233,8 +263,8 @@ def wna16_gemv(
         qzeros.stride(0) if qzeros is not None else 0, out.stride(0), out.stride(1),
         GROUP=G, BITS=bits, HAS_ZERO=qzeros is not None,
         HAS_BIAS=bias is not None and split == 1, BLOCK_M=block_m, BLOCK_W=block_w,
-        BLOCK_K=block_k, CHUNK=chunk, EVEN_W=(N // P) % block_w == 0, num_warps=warps,
-        num_stages=1,
+        BLOCK_K=block_k, CHUNK=chunk, EVEN_W=(N // P) % block_w == 0, UNROLL=bool(unroll),
+        STAGES=stages, num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if split == 1:
         return out[0].reshape(*lead, N)

@@ -1,0 +1,138 @@
+"""Small-M W8A8 (FP8 e4m3 or INT8) GEMV on the CUDA cores: split-K, dequant in the epilogue.
+
+y[m, n] = (Σ_k xq[m, k] · wq[n, k]) · xs[m] · ws[n] (+ bias[n]), for M ≤ MAX_M rows of
+already-quantized activations (the caller's per-token `act_quant`, or a static scale). The
+numerics are the tensor-core kernel's: 8-bit codes multiplied exactly (fp8 × fp8 fits an fp32
+mantissa, int8 × int8 an int32) and summed in fp32 / int32.
+
+Why not the MMA kernel at M = 1: a (16, BN) tile wastes 15 of 16 MMA rows and its smem pipeline
+holds few bytes in flight per SM; batch-1 decode is a pure weight stream. Here a program owns
+BLOCK_N weight rows and one K range for all M rows; each thread loads 16 contiguous bytes of a
+row per step and keeps a (M, BLOCK_N, BLOCK_K) register accumulator, reduced across lanes once at
+the end, so the loop is loads and FMAs only. Splits write fp32 partials that one reduce launch
+sums (+ bias).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from lowbit.kernels.triton.wna16_gemv import REDUCE_BLOCK, _splitk_reduce_kernel
+
+NUM_SMS = 132
+MAX_M = 2  # every row is a register accumulator of BLOCK_N × BLOCK_K
+
+
+def _config(
+    M: int,
+    N: int,
+    K: int,
+    bn: int = 16,
+    bk: int = 256,
+    warps: int = 4,
+    stages: int = 1,
+    waves: int = 4,
+) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, per_split tiles, num_warps, num_stages).
+
+    Splits aim at `waves` programs an SM, in whole BLOCK_K tiles that divide evenly.
+    """
+    bk = min(bk, triton.next_power_of_2(K))
+    tiles = triton.cdiv(K, bk)
+    rows = triton.cdiv(N, bn)
+    want = max(1, (waves * NUM_SMS) // rows)
+    per_split = max(1, triton.cdiv(tiles, want))
+    return bn, bk, per_split, warps, stages
+
+
+@triton.jit
+def _w8a8_gemv_kernel(
+    x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, M, N, K,
+    stride_xm, stride_wn, stride_xsm, stride_os, stride_om,
+    IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_mask = rm < M
+    n_mask = rn < N
+    acc_t = tl.int32 if IS_INT else tl.float32
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], acc_t)
+    k0 = pid_k * PER_SPLIT * BLOCK_K
+    # a constant trip count (few distinct values: one per shape); the loop's num_stages
+    # prefetches its loads (the launch's num_stages pipelines only loads that feed a tl.dot)
+    for t in tl.range(PER_SPLIT, num_stages=STAGES):
+        rk = k0 + t * BLOCK_K + tl.arange(0, BLOCK_K)
+        w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]
+        x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+        if EVEN:  # N % BLOCK_N == 0 and the splits tile K exactly: no masks in the loop
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+            x = tl.load(x_ptrs, mask=m_mask[:, None])
+        else:
+            k_mask = rk < K
+            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :],
+                        eviction_policy="evict_first")  # fmt: skip
+            x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :])
+            # masked lanes are undefined: zero them (8-bit float pointers take no int fill)
+            w = tl.where(n_mask[:, None] & k_mask[None, :], w.to(acc_t), 0)
+            x = tl.where(m_mask[:, None] & k_mask[None, :], x.to(acc_t), 0)
+        acc += w.to(acc_t)[None, :, :] * x.to(acc_t)[:, None, :]
+    y = tl.sum(acc, axis=2).to(tl.float32)  # (BM, BN)
+    xs = tl.load(xs_ptr + rm * stride_xsm, mask=m_mask, other=0.0)
+    ws = tl.load(ws_ptr + rn, mask=n_mask, other=0.0)
+    y = y * xs[:, None] * ws[None, :]
+    if HAS_BIAS:
+        y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+    out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
+    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+
+def w8a8_gemv(
+    xq: Tensor,
+    xs: Tensor,
+    weight: Tensor,
+    ws: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+    config: dict | None = None,
+) -> Tensor:
+    """(M, N) = dequant(xq @ weight^T) (+ bias) for M ≤ MAX_M quantized activation rows.
+
+    xq      (M, K)  int8 / float8_e4m3fn, row stride ≥ K, unit column stride
+    xs      (M, 1)  float32 per-row activation scales
+    weight  (N, K)  same dtype as xq, unit column stride
+    ws      (N,)    float32 per-output-channel weight scales (expanded when per tensor)
+    config  keyword overrides of `_config` (bn, bk, warps, stages, waves): tuning
+    """
+    M, K = xq.shape
+    N = weight.shape[0]
+    assert 0 < M <= MAX_M, f"M={M}: w8a8_gemv is the small-M path (M ≤ {MAX_M})"
+    assert weight.dtype == xq.dtype and weight.stride(-1) == 1 and xq.stride(-1) == 1
+    bn, bk, per_split, warps, stages = _config(M, N, K, **(config or {}))
+    split = triton.cdiv(triton.cdiv(K, bk), per_split)
+    even = N % bn == 0 and K == split * per_split * bk
+    if split == 1:
+        out = torch.empty(1, M, N, dtype=out_dtype, device=xq.device)
+    else:
+        out = torch.empty(split, M, N, dtype=torch.float32, device=xq.device)
+    has_bias = bias is not None and split == 1
+    _w8a8_gemv_kernel[(triton.cdiv(N, bn), split)](
+        xq, weight, xs, ws, bias if has_bias else ws, out, M, N, K,
+        xq.stride(0), weight.stride(0), xs.stride(0), out.stride(0), out.stride(1),
+        IS_INT=xq.dtype == torch.int8, HAS_BIAS=has_bias, BLOCK_M=triton.next_power_of_2(M),
+        BLOCK_N=bn, BLOCK_K=bk, PER_SPLIT=per_split, EVEN=even, STAGES=stages,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    if split == 1:
+        return out[0]
+    y = torch.empty(M, N, dtype=out_dtype, device=xq.device)
+    _splitk_reduce_kernel[(triton.cdiv(M * N, REDUCE_BLOCK),)](
+        out, bias if bias is not None else ws, y, M * N, N, split, out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4,
+    )  # fmt: skip
+    return y
