@@ -36,7 +36,7 @@ from benchlib import (
 from lowbit.config import EngineArgs, ModelConfig
 from lowbit.quant.spec import QuantPlan
 
-DEFAULT_VARIANTS = "bf16+eager,bf16,fp8,w4a16,w8a8_int8"
+DEFAULT_VARIANTS = "bf16+eager,bf16,fp8,w4a16,w8a8_int8,nvfp4"
 
 
 def _free() -> None:

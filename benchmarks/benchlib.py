@@ -93,23 +93,27 @@ def print_table(rows: list[dict], cols: list[str]) -> None:
 
 # ---- quantized plans over dummy weights ----
 
-BENCH_SCHEMES = ("fp8", "w8a8_int8", "w4a16", "fp8-block")
+BENCH_SCHEMES = ("fp8", "w8a8_int8", "w4a16", "fp8-block", "nvfp4")
 
 
 def bench_plan(name: str):
     """lowbit's own plan for `name`: an online method (fp8 per-channel W8A8, w8a8_int8, w4a16
-    g128 asym), or `fp8-block` — DeepSeek-style 128×128 block weights with 1×128 dynamic
-    activation groups, the spec of a block-FP8 checkpoint. Dummy weights fill the checkpoint-
+    g128 asym), `fp8-block` — DeepSeek-style 128×128 block weights with 1×128 dynamic
+    activation groups, the spec of a block-FP8 checkpoint — or `nvfp4`, ModelOpt's W4A16 NVFP4
+    (e2m1 codes, fp8 scales per 16, a per-tensor scale). Dummy weights fill the checkpoint-
     layout params; the schemes repack them as they would a loaded checkpoint."""
     from lowbit.quant.online import METHODS, online_plan
-    from lowbit.quant.spec import ActQuant, PerBlock, QuantPlan, QuantSpec
+    from lowbit.quant.spec import ActQuant, PerBlock, PerGroup, QuantPlan, QuantSpec
 
     if name in METHODS:
         return online_plan(name)
-    if name != "fp8-block":
+    if name == "fp8-block":
+        act = ActQuant("fp8_e4m3", "dynamic_group", 128)
+        spec = QuantSpec("fp8_e4m3", PerBlock(128, 128), "fp8", act=act)
+    elif name == "nvfp4":
+        spec = QuantSpec("fp4_e2m1", PerGroup(16), "modelopt_nvfp4", global_scale=True)
+    else:
         raise ValueError(f"unknown bench scheme {name!r}; use bf16 or one of {BENCH_SCHEMES}")
-    act = ActQuant("fp8_e4m3", "dynamic_group", 128)
-    spec = QuantSpec("fp8_e4m3", PerBlock(128, 128), "fp8", act=act)
     return QuantPlan(method="fp8-block", description=str(spec),
                      spec_of=lambda module: spec if ".layers." in module else None)  # fmt: skip
 
@@ -126,6 +130,8 @@ def _gpu_dummy_weights(model, plan, seed: int = 0) -> None:
     for name, p in model.named_parameters():
         if name.endswith("norm.weight"):
             p.fill_(1.0)
+        elif "scale" in name.rsplit(".", 1)[-1] and p.dtype.itemsize == 1:  # fp8 block scales
+            p.copy_(torch.empty(p.shape, device=p.device).uniform_(0.5, 1.5).to(p.dtype))
         elif "scale" in name.rsplit(".", 1)[-1]:
             p.uniform_(0.5e-3, 1.5e-3)  # keeps dequantized weights ~0.01 like real ones
         elif p.dtype.is_floating_point and p.dtype.itemsize > 1:
