@@ -51,6 +51,12 @@ def _weights(scheme: str, N: int, K: int) -> tuple[dict, int]:
             "w": torch.randn(N, K, device=d).clamp(-8, 8).to(torch.float8_e4m3fn),
             "s": torch.rand(N // 128, K // 128, device=d) * 1e-3,
         }
+    elif scheme.split(":")[0] == "nvfp4":  # weight-only: e2m1 codes, e4m3 scales a 16-group
+        w = {
+            "w": torch.randint(0, 256, (N, K // 2), device=d, dtype=torch.uint8),
+            "bs": (torch.rand(N, K // 16, device=d) * 2 + 0.01).to(torch.float8_e4m3fn),
+            "rs": torch.rand(N, device=d) * 1e-3,
+        }
     elif scheme.split(":")[0] == "int8":
         w = {
             "w": torch.randint(-127, 128, (N, K), device=d, dtype=torch.int8),
@@ -67,7 +73,17 @@ def _call(scheme: str, x, w):
     config), "w4a16:tiled,bm=128,bn=128,bk=64,warps=8,stages=3,group_m=8,swap=1" (the tiled
     GEMM, `wna16_gemm_tiled`; omitted keys keep its defaults), "w4a16-mma" (the tensor-core
     kernel at any M), "fp8-triton" (the split-K Triton W8A8 kernel); "fp8-triton:gemv,bn=16,
-    bk=256,warps=4,waves=4" / "int8:mma,split=8" (W8A8 through one path with its config)."""
+    bk=256,warps=4,waves=4" / "int8:mma,split=8" (W8A8 through one path with its config);
+    "nvfp4" (the weight-only FP4 kernel, `fp4_gemm`, on its default path), "nvfp4:gemv,bn=16,
+    bk=256,warps=4,stages=1,waves=4,split=0" / "nvfp4:mma,bm=128,bn=128,bk=64,warps=8,stages=3,
+    group_m=8,swap=1" (one path with its config)."""
+    if scheme.split(":")[0] == "nvfp4":
+        from lowbit.kernels.triton.fp4_gemm import fp4_gemm
+
+        path, _, rest = scheme.partition(":")[2].partition(",")
+        over = {k: int(v) for k, v in (kv.split("=") for kv in rest.split(",") if kv)}
+        config = {"path": path, **over} if path else None
+        return fp4_gemm(x, w["w"], w["bs"], w["rs"], 16, config=config)
     if ":" in scheme and scheme.split(":")[0] in ("fp8-triton", "int8"):
         from lowbit.kernels.triton.w8a8_gemm import w8a8_gemm
 
@@ -159,7 +175,9 @@ def bench(scheme: str, name: str, N: int, K: int, M: int) -> dict:
     flops = 2 * M * N * K
     nbytes = wbytes + 2 * M * (K + N)
     peak = (
-        PEAK_BF16 if scheme.split(":")[0].split("-")[0] in ("bf16", "w4a16", "w8a16") else PEAK_8BIT
+        PEAK_BF16
+        if scheme.split(":")[0].split("-")[0] in ("bf16", "w4a16", "w8a16", "nvfp4")
+        else PEAK_8BIT
     )
     floor_s = max(flops / peak, nbytes / PEAK_BW)
     return {

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lowbit.kernels.triton.wna16_gemv import REDUCE_BLOCK, _splitk_reduce_kernel
+from lowbit.kernels.triton.common import splitk_buffer, splitk_finish
 
 NUM_SMS = 132
 MAX_M = 2  # every row is a register accumulator of BLOCK_N × BLOCK_K
@@ -116,10 +116,7 @@ def w8a8_gemv(
     bn, bk, per_split, warps, stages = _config(M, N, K, **(config or {}))
     split = triton.cdiv(triton.cdiv(K, bk), per_split)
     even = N % bn == 0 and K == split * per_split * bk
-    if split == 1:
-        out = torch.empty(1, M, N, dtype=out_dtype, device=xq.device)
-    else:
-        out = torch.empty(split, M, N, dtype=torch.float32, device=xq.device)
+    out = splitk_buffer(split, M, N, out_dtype, xq.device)
     has_bias = bias is not None and split == 1
     _w8a8_gemv_kernel[(triton.cdiv(N, bn), split)](
         xq, weight, xs, ws, bias if has_bias else ws, out, M, N, K,
@@ -128,11 +125,4 @@ def w8a8_gemv(
         BLOCK_N=bn, BLOCK_K=bk, PER_SPLIT=per_split, EVEN=even, STAGES=stages,
         num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    if split == 1:
-        return out[0]
-    y = torch.empty(M, N, dtype=out_dtype, device=xq.device)
-    _splitk_reduce_kernel[(triton.cdiv(M * N, REDUCE_BLOCK),)](
-        out, bias if bias is not None else ws, y, M * N, N, split, out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4,
-    )  # fmt: skip
-    return y
+    return splitk_finish(out, bias, out_dtype)

@@ -14,22 +14,21 @@ Per weight value the loop body is one shift, one LOP3 and one FFMA per row of x:
     keeps ~17 bits of the result.
 A program owns BLOCK_W packed words (P·BLOCK_W columns) and `per_split` chunks of K; each
 thread loads 4 words (16 bytes) a row and sums its rows in registers before lanes combine.
-Splits write fp32 partials that `_splitk_reduce_kernel` sums (+ bias) in one more launch;
+Splits write fp32 partials that `common.splitk_finish` sums (+ bias) in one more launch;
 with one split the kernel writes the output itself. Everything is CUDA-graph safe.
 """
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.triton.common import splitk_buffer, splitk_finish
 from lowbit.kernels.triton.wna16_gemm import checked_rows
 
 NUM_SMS = 132
 MAX_M = 4  # largest M accepted (one FFMA per weight per row); dispatch uses it up to M = 2
-REDUCE_BLOCK = 1024
 
 
 # At M = 1 weights of at least this many values take the pipelined config (64-row chunks,
@@ -200,20 +199,6 @@ def _wna16_gemv_kernel(
         _store_code(a7, out_ptr, bias_ptr, rm, rj, m_mask, j_mask, stride_om, 7, P, HAS_BIAS)
 
 
-@triton.jit
-def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, MN, N, SPLIT, stride_s,
-                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
-    # out (M, N) = Σ_s part[s] (+ bias), fp32 sums, cast once.
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.zeros([BLOCK], tl.float32)
-    for s in range(SPLIT):
-        acc += tl.load(part_ptr + s * stride_s + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 def wna16_gemv(
     x: Tensor,
     qweight: Tensor,
@@ -249,10 +234,7 @@ def wna16_gemv(
     assert G % chunk == 0 and chunk % block_k == 0 and (K // chunk) % per_split == 0
     split = K // chunk // per_split
     block_m = triton.next_power_of_2(max(M, 1))
-    if split == 1:
-        out = torch.empty(1, M, N, dtype=x.dtype, device=x.device)
-    else:
-        out = torch.empty(split, M, N, dtype=torch.float32, device=x.device)
+    out = splitk_buffer(split, M, N, x.dtype, x.device)
     grid = (triton.cdiv(N // P, block_w), split, triton.cdiv(M, block_m))
     dummy = qweight  # never read when the flag that needs it is off
     _wna16_gemv_kernel[grid](
@@ -266,11 +248,4 @@ def wna16_gemv(
         BLOCK_K=block_k, CHUNK=chunk, EVEN_W=(N // P) % block_w == 0, UNROLL=bool(unroll),
         STAGES=stages, num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    if split == 1:
-        return out[0].reshape(*lead, N)
-    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    _splitk_reduce_kernel[(triton.cdiv(M * N, REDUCE_BLOCK),)](
-        out, bias if bias is not None else dummy, y, M * N, N, split, out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4,
-    )  # fmt: skip
-    return y.reshape(*lead, N)
+    return splitk_finish(out, bias, x.dtype).reshape(*lead, N)

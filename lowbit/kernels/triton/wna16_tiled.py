@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.triton.common import grouped_tile
 from lowbit.kernels.triton.wna16_gemm import _magic, checked_rows
 
 
@@ -50,15 +51,7 @@ def _wna16_tiled_kernel(
     P: tl.constexpr = 32 // BITS
     BNP: tl.constexpr = BLOCK_N // P
     MASK: tl.constexpr = (1 << BITS) - 1
-    # Grouped ordering: GROUP_M row tiles sweep N together, so a weight tile loaded for one of
-    # them is still in L2 for the others.
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
-    first_m = (pid // per_group) * GROUP_M
-    rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows
-    pid_n = (pid % per_group) // rows
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rj = pid_n * BNP + tl.arange(0, BNP)  # packed column index

@@ -1,0 +1,59 @@
+"""Pieces the Triton GEMM/GEMV kernels share: split-K partial buffers and their reduction, and
+the grouped ordering of output tiles."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+REDUCE_BLOCK = 1024
+
+
+def splitk_buffer(split: int, M: int, N: int, dtype: torch.dtype, device) -> Tensor:
+    """Where `split` programs along K write: (1, M, N) in the output dtype when K is not split
+    (the kernel writes the result, bias included), else (split, M, N) fp32 partials."""
+    if split == 1:
+        return torch.empty(1, M, N, dtype=dtype, device=device)
+    return torch.empty(split, M, N, dtype=torch.float32, device=device)
+
+
+def splitk_finish(out: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """(M, N) result of a `splitk_buffer`: as written when unsplit (the kernel added the bias),
+    else the partials summed in fp32 (+ bias) and cast once, in one launch."""
+    split, M, N = out.shape
+    if split == 1:
+        return out[0]
+    y = torch.empty(M, N, dtype=dtype, device=out.device)
+    _splitk_reduce_kernel[(triton.cdiv(M * N, REDUCE_BLOCK),)](
+        out, bias if bias is not None else out, y, M * N, N, split, out.stride(0),
+        HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4,
+    )  # fmt: skip
+    return y
+
+
+@triton.jit
+def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, MN, N, SPLIT, stride_s,
+                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+    # out (M, N) = Σ_s part[s] (+ bias), fp32 sums, cast once.
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < MN
+    acc = tl.zeros([BLOCK], tl.float32)
+    for s in range(SPLIT):
+        acc += tl.load(part_ptr + s * stride_s + offs, mask=mask, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 GROUP_M: tl.constexpr):  # fmt: skip
+    """(pid_m, pid_n) of program `pid`: GROUP_M row tiles sweep N together, so a weight tile
+    loaded for one of them is still in L2 for the others."""
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // per_group) * GROUP_M
+    rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % rows, (pid % per_group) // rows
