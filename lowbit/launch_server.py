@@ -78,6 +78,13 @@ def build_parser(prog: str = "python -m lowbit.launch_server") -> argparse.Argum
         default=1,
         help="tokens per streamed chunk after the first (more: less HTTP work)",
     )
+    s.add_argument(
+        "--engine-stall-timeout",
+        type=float,
+        default=300.0,
+        help="seconds the engine may stay silent with requests waiting before it is declared "
+        "hung, stopped and /health turns 503 (0: never)",
+    )
     s.add_argument("--log-level", default="info", choices=_LOG_LEVELS)
     return p  # fmt: skip
 
@@ -145,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         template = read_chat_template(args.chat_template)
         if args.stream_interval < 1:
             raise ValueError(f"--stream-interval {args.stream_interval}: give 1 or more tokens")
+        if args.engine_stall_timeout < 0:
+            raise ValueError(f"--engine-stall-timeout {args.engine_stall_timeout}: give seconds "
+                             f"≥ 0 (0 turns the check off)")  # fmt: skip
         check_port(args.host, args.port)
     except ValueError as e:
         parser.error(str(e))
@@ -175,7 +185,7 @@ def _serve(args: argparse.Namespace, eargs: EngineArgs, template: str | None, pr
         name = served_name(args)
         app = create_app(
             engine, name, api_key=args.api_key, chat_template=template,
-            stream_interval=args.stream_interval,
+            stream_interval=args.stream_interval, stall_timeout=args.engine_stall_timeout,
         )  # fmt: skip
         url = f"http://{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}"
         logging.getLogger("lowbit").info(

@@ -66,10 +66,11 @@ def create_app(
     api_key: str | None = None,
     chat_template: str | None = None,
     stream_interval: int = 1,
+    stall_timeout: float = 300.0,
 ) -> FastAPI:
     """An app serving a started engine process; the app's shutdown stops that process too."""
     metrics = Metrics(model_name)
-    loop = EngineLoop(engine, metrics, stream_interval)
+    loop = EngineLoop(engine, metrics, stream_interval, stall_timeout)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -4,7 +4,9 @@ The Engine runs in its own process (engine_process.py). Here, on the server's ev
 handlers `subscribe` and add requests; commands posted during one turn of the event loop leave
 as one message; each step's message from the engine process is read when its pipe is readable
 (no thread, so no GIL contention here either) and its deltas are handed to the subscriptions'
-asyncio queues. If the engine process dies, /health turns 503 and every request fails at once.
+asyncio queues. If the engine process dies, /health turns 503 and every request fails at once;
+if it stays silent longer than `stall_timeout` while work is outstanding (a hung step), it is
+stopped and treated the same way.
 """
 
 from __future__ import annotations
@@ -106,11 +108,19 @@ class EngineLoop:
     """Talks to the engine process from the server's event loop."""
 
     def __init__(
-        self, engine: EngineProcess, metrics: Metrics | None = None, stream_interval: int = 1
+        self,
+        engine: EngineProcess,
+        metrics: Metrics | None = None,
+        stream_interval: int = 1,
+        stall_timeout: float = 300.0,
     ):
         if stream_interval < 1:
             raise ValueError(f"stream_interval must be ≥ 1 token, got {stream_interval}")
+        if stall_timeout < 0:
+            raise ValueError(f"stall_timeout must be ≥ 0 s (0 turns it off), got {stall_timeout}")
         self.engine = engine
+        self.stall_timeout = stall_timeout
+        self._last_heard = time.monotonic()
         self.stream_interval = stream_interval
         self.metrics = metrics
         self.steps = 0
@@ -126,6 +136,26 @@ class EngineLoop:
         self.event_loop = asyncio.get_running_loop()
         self.event_loop.add_reader(self.engine.results.fileno(), self._read)
         self._running = True
+        if self.stall_timeout:
+            self._last_heard = time.monotonic()
+            self.event_loop.call_later(self._watch_period, self._watch)
+
+    @property
+    def _watch_period(self) -> float:
+        return min(5.0, self.stall_timeout / 4)
+
+    def _watch(self) -> None:
+        """Stop an engine process that has said nothing for `stall_timeout` s while requests or
+        calls wait on it (idle time does not count: it sends nothing when it has nothing to do)."""
+        if not self._running:
+            return
+        now = time.monotonic()
+        if not self._sinks and not self._calls:
+            self._last_heard = now
+        elif now - self._last_heard > self.stall_timeout:
+            self._engine_hung(now - self._last_heard)
+            return
+        self.event_loop.call_later(self._watch_period, self._watch)
 
     def stop(self) -> None:
         """Stop the engine process; requests still running fail with 503."""
@@ -191,6 +221,7 @@ class EngineLoop:
             for _ in range(_MAX_MESSAGES_PER_READ):
                 if not conn.poll():
                     return
+                self._last_heard = time.monotonic()
                 self._handle(self.engine.receive())
         except (EOFError, OSError):
             self._engine_died()
@@ -263,6 +294,17 @@ class EngineLoop:
         code = proc.exitcode
         message = f"the engine process exited unexpectedly (exit code {code}); restart the server"
         self._fail_all(APIError(500, message))
+
+    def _engine_hung(self, silent: float) -> None:
+        """The engine process stopped answering: stop it, fail everything waiting on it."""
+        self._running = False
+        self.event_loop.remove_reader(self.engine.results.fileno())
+        logger.error("the engine process has not answered for %.0f s with work outstanding "
+                     "(stall timeout %.0f s); stopping it", silent, self.stall_timeout)  # fmt: skip
+        self.engine.stop(timeout=1.0)
+        self._fail_all(APIError(503, f"the engine process stopped answering (silent for "
+                                     f"{silent:.0f} s, over --engine-stall-timeout "
+                                     f"{self.stall_timeout:g} s); restart the server"))  # fmt: skip
 
     def _fail_all(self, error: APIError) -> None:
         """Fail every tracked request and pending call."""

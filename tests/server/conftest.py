@@ -67,11 +67,12 @@ class Served:
 
 
 @contextmanager
-def serve(model_dir) -> Iterator[Served]:
-    """A uvicorn server (in a thread) over an engine process serving `model_dir`."""
+def serve(model_dir, **app_kw) -> Iterator[Served]:
+    """A uvicorn server (in a thread) over an engine process serving `model_dir`; `app_kw` go
+    to create_app."""
     engine = EngineProcess(EngineArgs(str(model_dir), device="cpu", max_total_tokens=8192))
     engine.start()
-    app = create_app(engine, MODEL)
+    app = create_app(engine, MODEL, **app_kw)
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)
@@ -99,6 +100,13 @@ def server(tiny_llama):
 def own_server(tiny_llama):
     """A server of the test's own, for tests that break it."""
     with serve(tiny_llama) as served:
+        yield served
+
+
+@pytest.fixture
+def watched_server(tiny_llama):
+    """A server of the test's own whose engine counts as hung after 1 s of silence."""
+    with serve(tiny_llama, stall_timeout=1.0) as served:
         yield served
 
 

@@ -132,3 +132,20 @@ def test_engine_process_crash_fails_requests_not_hangs(own_server):
         r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 2})
         assert r.status_code == 503 and "not running" in r.json()["error"]["message"]
         assert http.get("/v1/models").status_code == 200  # what needs no engine still answers
+
+
+def test_hung_engine_is_stopped_and_requests_fail(watched_server):
+    """An engine process that stays silent past the stall timeout with a request waiting is
+    stopped: the request fails with 503 instead of hanging, and /health reports it."""
+    served = watched_server
+    with httpx.Client(base_url=served.url, timeout=30) as http:
+        served.call(slow_forward, 0.2)  # a quiet server is not hung: idle time does not count
+        time.sleep(1.5)
+        assert http.get("/health").status_code == 200
+        served.call(slow_forward, 4.0)  # each forward now outlasts the timeout
+        t0 = time.monotonic()
+        r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 4})
+        assert r.status_code == 503 and "stopped answering" in r.json()["error"]["message"]
+        assert time.monotonic() - t0 < 3.5  # failed by the watchdog, not after the slow step
+        assert http.get("/health").status_code == 503
+        assert not served.engine.alive

@@ -40,6 +40,7 @@ def no_weights(monkeypatch):
         (["--port", "70000"], "not a TCP port"),
         (["--chat-template", "no_such_file.jinja"], "not a file"),
         (["--stream-interval", "0"], "give 1 or more tokens"),
+        (["--engine-stall-timeout", "-1"], "0 turns the check off"),
         (["--no-such-flag"], "unrecognized arguments"),
     ],
 )
