@@ -77,21 +77,18 @@ def _call(scheme: str, x, w):
     "nvfp4" (the weight-only FP4 kernel, `fp4_gemm`, on its default path), "nvfp4:gemv,bn=16,
     bk=256,warps=4,stages=1,waves=4,split=0" / "nvfp4:mma,bm=128,bn=128,bk=64,warps=8,stages=3,
     group_m=8,swap=1" (one path with its config)."""
-    if scheme.split(":")[0] == "nvfp4":
+    base, path, over = _probe(scheme)
+    if base == "nvfp4":
         from lowbit.kernels.triton.fp4_gemm import fp4_gemm
 
-        path, _, rest = scheme.partition(":")[2].partition(",")
-        over = {k: int(v) for k, v in (kv.split("=") for kv in rest.split(",") if kv)}
         config = {"path": path, **over} if path else None
         return fp4_gemm(x, w["w"], w["bs"], w["rs"], 16, config=config)
-    if ":" in scheme and scheme.split(":")[0] in ("fp8-triton", "int8"):
+    if path is not None and base in ("fp8-triton", "int8"):
         from lowbit.kernels.triton.w8a8_gemm import w8a8_gemm
 
-        path, _, rest = scheme.split(":")[1].partition(",")
-        over = {k: int(v) for k, v in (kv.split("=") for kv in rest.split(",") if kv)}
         return w8a8_gemm(x, w["w"], w["s"], config={"path": path, **over})
-    if ":" in scheme:
-        return _with_wna16_config(scheme, x, w)
+    if path is not None:
+        return _with_wna16_config(base, path, over, x, w)
     if scheme == "bf16":
         return F.linear(x, w["w"])
     if scheme in ("w4a16", "w8a16"):
@@ -117,22 +114,30 @@ def _call(scheme: str, x, w):
     return dispatch.int8_gemm(x, w["w"], w["s"])
 
 
-def _with_wna16_config(scheme: str, x, w):
+def _probe(scheme: str) -> tuple[str, str | None, dict[str, int]]:
+    """ "base:path,k=v,…" → (base, path, {k: v}); a plain scheme → (scheme, None, {}).
+    "w4a16:warps=8,…" (no path) names the tensor-core kernel's config ("mma")."""
+    base, colon, spec = scheme.partition(":")
+    if not colon:
+        return base, None, {}
+    path, _, rest = spec.partition(",")
+    if "=" in path:
+        path, rest = "mma", spec
+    return base, path, {k: int(v) for k, v in (kv.split("=") for kv in rest.split(",") if kv)}
+
+
+def _with_wna16_config(base: str, path: str, over: dict, x, w):
     """W4A16 / W8A16 through one kernel with its config overridden (a tuning probe, not a
-    dispatch path)."""
+    dispatch path): the GEMV, the tiled kernel, or the tensor-core kernel ("mma")."""
     import lowbit.kernels.triton.wna16_gemm as mod
 
-    base, spec = scheme.split(":")
     bits = 4 if base == "w4a16" else 8
-    kernel, _, rest = spec.partition(",")
-    if kernel in ("gemv", "tiled"):
-        over = {k: int(v) for k, v in (kv.split("=") for kv in rest.split(",") if kv)}
-        if kernel == "gemv":
+    if path in ("gemv", "tiled"):
+        if path == "gemv":
             from lowbit.kernels.triton.wna16_gemv import wna16_gemv as fn
         else:
             from lowbit.kernels.triton.wna16_tiled import wna16_gemm_tiled as fn
         return fn(x, w["qweight"], w["scales"], w["qzeros"], 128, bits, config=over)
-    over = {k: int(v) for k, v in (kv.split("=") for kv in spec.split(","))}
     saved = mod._config
 
     def config(M, N, K, G):

@@ -42,8 +42,10 @@ def test_eval_with_reference_on_cuda(dev):
     """Two engines in one process: sizing the KV cache from free memory left none for the second."""
     if dev.type != "cuda":
         pytest.skip("needs CUDA")
+    before = torch.cuda.memory_allocated()
     res = run_eval(str(DEMO_MODEL), str(DEMO_MODEL), max_tokens=512, seq_len=256,
                    device="cuda", dtype="float32")  # fmt: skip
     assert res.kl_mean is not None and res.kl_mean < 1e-6
     assert res.top1_agreement == 1.0
-    assert torch.cuda.memory_allocated() < 2**30  # both engines released
+    # both engines released: their weights alone (float32 demo model) are 33 MB
+    assert torch.cuda.memory_allocated() - before < 8 * 2**20

@@ -200,6 +200,7 @@ def wna16_gemm(
     qweight  (K, N // P)      int32, P = 32 // bits
     scales   (K // G, N)      x.dtype
     qzeros   (K // G, N // P) int32 or None (symmetric)
+    bias     (N,) or None
     perm     (K,)             int64 or None: act-order, x columns are read as x[..., perm]
     returns  (..., N)         x.dtype
     """

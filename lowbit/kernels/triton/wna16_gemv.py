@@ -210,18 +210,8 @@ def wna16_gemv(
     perm: Tensor | None = None,
     config: dict | None = None,
 ) -> Tensor:
-    """x @ dequant(W)^T (+ bias) for a few rows of x (M ≤ MAX_M).
-
-    x        (..., K)         bf16 / fp16, M = prod(...) rows
-    qweight  (K, N // P)      int32, P = 32 // bits
-    scales   (K // G, N)      x.dtype
-    qzeros   (K // G, N // P) int32 or None (symmetric)
-    bias     (N,) or None
-    perm     (K,)             int64 or None: act-order, x columns are read as x[..., perm]
-    config   keyword overrides of `_config` (block_w, block_k, chunk, warps, waves, stages,
-             unroll): tuning
-    returns  (..., N)         x.dtype
-    """
+    """`wna16_gemm` (same arguments and layout) for a few rows of x (M ≤ MAX_M); `config`
+    overrides `_config` (block_w, block_k, chunk, warps, waves, stages, unroll) for tuning."""
     x2, lead, N, G = checked_rows(x, qweight, scales, qzeros, group_size, bits, bias, perm)
     P, K = 32 // bits, x2.shape[1]
     M = x2.shape[0]

@@ -111,18 +111,9 @@ def wna16_gemm_tiled(
     perm: Tensor | None = None,
     config: dict | None = None,
 ) -> Tensor:
-    """`wna16_gemm` through the tiled dequantize-in-registers kernel.
-
-    x        (..., K)         bf16 / fp16
-    qweight  (K, N // P)      int32, P = 32 // bits
-    scales   (K // G, N)      x.dtype
-    qzeros   (K // G, N // P) int32 or None (symmetric)
-    bias     (N,) or None
-    perm     (K,)             int64 or None: act-order, x columns are read as x[..., perm]
-    config   overrides of `_tiled_config` (bm, bn, bk, warps, stages, group_m, swap);
-             bk must divide G
-    returns  (..., N)         x.dtype
-    """
+    """`wna16_gemm` (same arguments and layout) through the tiled dequantize-in-registers
+    kernel; `config` overrides `_tiled_config` (bm, bn, bk, warps, stages, group_m, swap; bk
+    must divide G)."""
     x2, lead, N, G = checked_rows(x, qweight, scales, qzeros, group_size, bits, bias, perm)
     M, K = x2.shape
     P = 32 // bits
