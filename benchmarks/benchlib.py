@@ -113,8 +113,9 @@ def bench_plan(name: str):
     elif name == "nvfp4":
         spec = QuantSpec("fp4_e2m1", PerGroup(16), "modelopt_nvfp4", global_scale=True)
     else:
-        raise ValueError(f"unknown bench scheme {name!r}; use bf16 or one of {BENCH_SCHEMES}")
-    return QuantPlan(method="fp8-block", description=str(spec),
+        raise ValueError(f"unknown bench scheme {name!r}; use bf16 or one of "
+                         f"{BENCH_SCHEMES + tuple(METHODS)}")  # fmt: skip
+    return QuantPlan(method=name, description=str(spec),
                      spec_of=lambda module: spec if ".layers." in module else None)  # fmt: skip
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from lowbit.config import QUANT_HELP, TORCHAO_HELP
+from lowbit.config import LM_HEAD_HELP, QUANT_HELP, TORCHAO_HELP
 
 
 def _engine_flags(p: argparse.ArgumentParser) -> None:
@@ -17,7 +17,7 @@ def _engine_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quantize-lm-head",
         action="store_true",
-        help="with an online --quantization: quantize lm_head too",
+        help=LM_HEAD_HELP,
     )
     p.add_argument("--dtype", default="auto")
     p.add_argument("--device", default=None)

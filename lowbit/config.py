@@ -37,6 +37,7 @@ QUANT_HELP = (
     "loading: fp8, w8a8_fp8, w8a8_int8, w4a16, bitsandbytes (or gptq / awq: calibrated once, "
     "cached). On a quantized one: its method or a compatible override (e.g. w8a8_fp8)"
 )
+LM_HEAD_HELP = "with an online --quantization: quantize lm_head too"
 TORCHAO_HELP = (
     "torchao online quantization: int8dq, int8wo, fp8wo, fp8dq-per_tensor, fp8dq-per_row, "
     "int4wo-32/64/128/256"

@@ -10,7 +10,14 @@ import socket
 import sys
 from pathlib import Path
 
-from lowbit.config import KV_CACHE_DTYPES, LOAD_FORMATS, QUANT_HELP, TORCHAO_HELP, EngineArgs
+from lowbit.config import (
+    KV_CACHE_DTYPES,
+    LM_HEAD_HELP,
+    LOAD_FORMATS,
+    QUANT_HELP,
+    TORCHAO_HELP,
+    EngineArgs,
+)
 
 DEMO_MODEL_NAME = "lowbit-demo"
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
@@ -31,8 +38,7 @@ def build_parser(prog: str = "python -m lowbit.launch_server") -> argparse.Argum
         help=QUANT_HELP,
     )
     m.add_argument("--torchao-config", default=None, help=TORCHAO_HELP)
-    m.add_argument("--quantize-lm-head", action="store_true",
-                   help="with an online --quantization: quantize lm_head too")  # fmt: skip
+    m.add_argument("--quantize-lm-head", action="store_true", help=LM_HEAD_HELP)
     m.add_argument("--dtype", default="auto", help="auto, bfloat16, float16 or float32")
     m.add_argument("--kv-cache-dtype", default="auto", choices=KV_CACHE_DTYPES)
     m.add_argument("--load-format", default="auto", choices=LOAD_FORMATS)

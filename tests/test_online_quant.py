@@ -322,6 +322,15 @@ def test_cli_generate_with_online_quantization(capsys):
     assert len(capsys.readouterr().out.strip()) > len("def add(a, b):")
 
 
+def test_quantize_lm_head_with_gptq_is_refused_before_calibrating(tiny_llama, tmp_path,
+                                                                  monkeypatch):  # fmt: skip
+    """The calibrated export keeps lm_head full precision: the flag is refused up front."""
+    monkeypatch.setenv("LOWBIT_CACHE", str(tmp_path))
+    with pytest.raises(ValueError, match="--quantize-lm-head does not apply"):
+        lowbit.Engine(str(tiny_llama), device="cpu", quantization="gptq", quantize_lm_head=True)
+    assert not any(tmp_path.iterdir())  # nothing was calibrated
+
+
 def test_gptq_on_a_full_precision_checkpoint_calibrates_once(tiny_llama, tmp_path, monkeypatch):
     """`--quantization gptq` on a full-precision model: GPTQ-calibrated into a cache, then
     served from it (a second engine reuses the cache)."""

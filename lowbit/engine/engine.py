@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import uuid
 from collections.abc import Iterator
@@ -61,6 +62,10 @@ class Engine:
         self.model_dir = resolve_model_path(self.args.model_path, self.args.revision)
         self.model_config = cfg = ModelConfig.from_dir(self.model_dir)
         if (quantization or "").lower() in CALIBRATED and detect(self.model_dir, cfg) is None:
+            if self.args.quantize_lm_head:  # refused now, not after minutes of calibration
+                raise ValueError(f"--quantize-lm-head does not apply to --quantization "
+                                 f"{quantization} (its export keeps lm_head full precision); "
+                                 f"drop the flag")  # fmt: skip
             self.model_dir = self._calibrate(quantization)
             self.model_config = cfg = ModelConfig.from_dir(self.model_dir)
         self.tokenizer = load_tokenizer(self.model_dir)
@@ -357,6 +362,7 @@ class Engine:
             self.release(rid)
         self._pending = []
         self.runner = None
+        gc.collect()  # the model's modules hold reference cycles; free them before the next load
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

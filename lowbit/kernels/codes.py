@@ -34,11 +34,12 @@ def _from_u32(x: Tensor) -> Tensor:
 _CHUNK = 1 << 22  # values packed/unpacked at once: bounds the int64 scratch to 32 MiB
 
 
-def _by_rows(fn, x: Tensor) -> Tensor:
-    """Apply `fn` to row chunks of x (…, L) (rows = all leading dims) and join the results."""
+def _by_rows(fn, x: Tensor, expand: int = 1) -> Tensor:
+    """Apply `fn` to row chunks of x (…, L) (rows = all leading dims) and join the results;
+    `fn` makes `expand` int64 values of scratch per input value (the chunk bound counts them)."""
     lead, L = x.shape[:-1], x.shape[-1]
     rows = x.reshape(-1, L)
-    step = max(1, _CHUNK // max(L, 1))
+    step = max(1, _CHUNK // max(L * expand, 1))
     out = torch.cat([fn(rows[i : i + step]) for i in range(0, rows.shape[0], step)])
     return out.reshape(*lead, out.shape[-1])
 
@@ -65,7 +66,7 @@ def unpack_int32(packed: Tensor, bits: int, dim: int, length: int) -> Tensor:
         q = (_u32(rows)[..., None] >> shifts) & (2**bits - 1)  # (r, L/pf, pf)
         return q.reshape(rows.shape[0], -1)[:, :length].to(torch.int32)
 
-    return _by_rows(unpack, packed.movedim(dim, -1)).movedim(-1, dim)
+    return _by_rows(unpack, packed.movedim(dim, -1), expand=pf).movedim(-1, dim)
 
 
 def pack_gptq3(q: Tensor, dim: int) -> Tensor:
@@ -166,6 +167,9 @@ def e8m0_decode(e: Tensor) -> Tensor:
     """uint8 biased exponents → float32 2^(e−127); 0xFF → NaN."""
     v = torch.exp2(e.to(torch.float32) - 127.0)
     return torch.where(e.to(torch.int32) == 255, torch.nan, v)
+
+
+MX_BLOCK = 32  # OCP MX formats: one e8m0 scale per 32 values
 
 
 def e8m0_ceil(x: Tensor) -> Tensor:

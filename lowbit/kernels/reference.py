@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lowbit.kernels.codes import (
+    MX_BLOCK,
     e2m1_decode,
     e2m1_round,
     e8m0_ceil,
@@ -216,8 +217,6 @@ def fp4_gemm(
 
 
 # ---- MXFP8 (e4m3 codes with a power-of-two e8m0 scale per 1×32 block) ----
-
-MX_BLOCK = 32
 
 
 def dequant_mxfp8(weight: Tensor, weight_scale: Tensor, block: int = MX_BLOCK) -> Tensor:

@@ -112,6 +112,8 @@ def create_app(
     @app.get("/metrics", dependencies=guarded)
     async def prometheus() -> Response:
         """Prometheus exposition of the server's metrics."""
+        if loop.last_stats is not None:  # the engine's latest occupancy, copied once a scrape
+            metrics.observe_engine(loop.last_stats)
         body, content_type = metrics.render()
         return Response(body, media_type=content_type)
 

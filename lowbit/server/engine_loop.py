@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 from lowbit.engine.request import SamplingParams, StreamDelta
-from lowbit.server.engine_process import EngineProcess, engine_stats
+from lowbit.server.engine_process import EngineProcess
 from lowbit.server.errors import APIError
 from lowbit.server.metrics import Metrics
 
@@ -120,7 +120,8 @@ class EngineLoop:
             raise ValueError(f"stall_timeout must be ≥ 0 s (0 turns it off), got {stall_timeout}")
         self.engine = engine
         self.stall_timeout = stall_timeout
-        self._last_heard = time.monotonic()
+        self._last_heard = 0.0  # when the engine process last said something (set by start)
+        self.last_stats: dict | None = None  # its latest occupancy, copied to /metrics on scrape
         self.stream_interval = stream_interval
         self.metrics = metrics
         self.steps = 0
@@ -159,9 +160,7 @@ class EngineLoop:
 
     def stop(self) -> None:
         """Stop the engine process; requests still running fail with 503."""
-        if self._running:
-            self._running = False
-            self.event_loop.remove_reader(self.engine.results.fileno())
+        self._detach()
         self.engine.stop()
         self._fail_all(APIError(503, "the server is shutting down; retry on another server"))
 
@@ -196,10 +195,6 @@ class EngineLoop:
         self._post(("call", token, fn, args))
         return await fut
 
-    async def stats(self) -> dict:
-        """The engine's queue and KV-cache occupancy, asked of the engine process now."""
-        return await self.call(engine_stats)
-
     def _post(self, command: tuple) -> None:
         """Queue a command; those of one event-loop turn go to the engine as one message."""
         if not self._outbox:
@@ -233,11 +228,9 @@ class EngineLoop:
         kind = msg[0]
         if kind == "step":
             self._step(msg[1], msg[2])
-            if self.metrics:
-                self.metrics.observe_engine(msg[3])
+            self.last_stats = msg[3]
         elif kind == "stats":
-            if self.metrics:
-                self.metrics.observe_engine(msg[1])
+            self.last_stats = msg[1]
         elif kind == "fail":
             _, rids, status, message, param = msg
             self._fail([r for r in rids if r in self._sinks], APIError(status, message, param))
@@ -284,27 +277,33 @@ class EngineLoop:
         sink.last_token[d.index] = now
         self.metrics.generation_tokens.inc(len(d.token_ids))
 
+    def _detach(self) -> None:
+        """Stop reading the engine process (it is gone, hung or being stopped)."""
+        if self._running:
+            self._running = False
+            self.event_loop.remove_reader(self.engine.results.fileno())
+
     def _engine_died(self) -> None:
         """The engine process is gone: stop reading, fail everything waiting on it."""
-        self._running = False
-        self.event_loop.remove_reader(self.engine.results.fileno())
+        self._detach()
         proc = self.engine.process
         proc.join(1)
-        logger.error("the engine process exited unexpectedly (exit code %s)", proc.exitcode)
-        code = proc.exitcode
-        message = f"the engine process exited unexpectedly (exit code {code}); restart the server"
+        message = (f"the engine process exited unexpectedly (exit code {proc.exitcode}); "
+                   f"restart the server")  # fmt: skip
+        logger.error("%s", message)
         self._fail_all(APIError(500, message))
 
     def _engine_hung(self, silent: float) -> None:
-        """The engine process stopped answering: stop it, fail everything waiting on it."""
-        self._running = False
-        self.event_loop.remove_reader(self.engine.results.fileno())
-        logger.error("the engine process has not answered for %.0f s with work outstanding "
-                     "(stall timeout %.0f s); stopping it", silent, self.stall_timeout)  # fmt: skip
-        self.engine.stop(timeout=1.0)
-        self._fail_all(APIError(503, f"the engine process stopped answering (silent for "
-                                     f"{silent:.0f} s, over --engine-stall-timeout "
-                                     f"{self.stall_timeout:g} s); restart the server"))  # fmt: skip
+        """The engine process stopped answering: kill it (it cannot read a stop command; the
+        shutdown reaps it), fail everything waiting on it."""
+        self._detach()
+        self.engine.process.kill()
+        message = (
+            f"the engine process stopped answering (silent for {silent:.0f} s, over "
+            f"--engine-stall-timeout {self.stall_timeout:g} s); restart the server"
+        )
+        logger.error("%s; it was killed", message)
+        self._fail_all(APIError(503, message))
 
     def _fail_all(self, error: APIError) -> None:
         """Fail every tracked request and pending call."""

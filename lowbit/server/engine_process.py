@@ -53,21 +53,11 @@ class EngineStartError(RuntimeError):
         self.clean = clean
 
 
-def engine_stats(engine: Engine) -> dict:
-    """Queue and KV-cache occupancy (run in the engine process through `EngineLoop.call`)."""
-    return engine.stats()
-
-
 class EngineProcess:
     """The server's handle on the engine process: start it, send commands, read results."""
 
-    def __init__(
-        self,
-        args: EngineArgs,
-        log_level: str = "info",
-        factory: Callable[[EngineArgs], Engine] | None = None,
-    ):
-        self.args, self.log_level, self.factory = args, log_level, factory
+    def __init__(self, args: EngineArgs, log_level: str = "info"):
+        self.args, self.log_level = args, log_level
         self.process: mp.process.BaseProcess | None = None
         self.info: EngineInfo | None = None
         self.tokenizer = None
@@ -79,7 +69,7 @@ class EngineProcess:
         self.results, writer = ctx.Pipe(duplex=False)
         self.process = ctx.Process(
             target=_main, name="lowbit-engine", daemon=False,
-            args=(self.args, self.log_level, self.factory, self.commands, writer),
+            args=(self.args, self.log_level, self.commands, writer),
         )  # fmt: skip
         atexit.register(self.stop)
         try:
@@ -163,7 +153,7 @@ def _build(args: EngineArgs) -> Engine:
     return Engine(**fields)
 
 
-def _main(args, log_level, factory, commands, results) -> None:
+def _main(args, log_level, commands, results) -> None:
     """The engine process: load the model, report, then serve commands until told to stop."""
     # Ctrl-C reaches the whole process group; the server process handles it and stops this one.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -172,7 +162,7 @@ def _main(args, log_level, factory, commands, results) -> None:
     )
     send = lambda msg: results.send_bytes(pickle.dumps(msg, pickle.HIGHEST_PROTOCOL))
     try:
-        engine = (factory or _build)(args)
+        engine = _build(args)
     except Exception as e:
         clean = isinstance(e, _CLEAN_START_ERRORS)
         if not clean:

@@ -172,23 +172,23 @@ def scoring_engine(model: str, seq_len: int, **kw):
                   show_progress=False, **kw)  # fmt: skip
 
 
-def precompute(scorer: Scorer, wins: list[list[int]]) -> Scorer:
-    """Score every window now (results kept on the CPU); the returned scorer replays them.
+def score_then_reference(engine, wins: list[list[int]], load_reference) -> EvalResult:
+    """Score `wins` with `engine`, shut it down, then load the reference (`load_reference()`)
+    and evaluate against it: one model in device memory at a time.
 
-    Lets two models be scored one after the other, so only one is in device memory at a time.
+    The first model's logits and hidden states wait on the CPU meanwhile: per window of T
+    tokens, T × (vocab + layers × hidden) float32 (≈ 0.5 GB at 512 tokens of an 8B model).
     """
-    done = {tuple(ids): scorer(ids) for ids in wins}
-    return lambda ids: done[tuple(ids)]
-
-
-def release(engine) -> None:
-    """Shut an engine down and return its device memory before the next one loads."""
-    import gc
-
-    engine.shutdown()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    try:
+        score = engine_scorer(engine)
+        done = {tuple(ids): score(ids) for ids in wins}
+    finally:
+        engine.shutdown()
+    reference = load_reference()
+    try:
+        return evaluate(lambda ids: done[tuple(ids)], wins, engine_scorer(reference))
+    finally:
+        reference.shutdown()
 
 
 def run_eval(
@@ -211,22 +211,21 @@ def run_eval(
     try:
         seq_len = min(seq_len, engine.context_length - 1)
         wins = eval_windows(engine.tokenizer, data, max_tokens, seq_len)
-        if reference is None:
+    except BaseException:
+        engine.shutdown()
+        raise
+    if reference is None:
+        try:
             return evaluate(engine_scorer(engine), wins)
-        scores = precompute(engine_scorer(engine), wins)
-    finally:
-        release(engine)
-    ref_engine = scoring_engine(reference, seq_len, dtype=dtype, device=device)
-    try:
-        return evaluate(scores, wins, engine_scorer(ref_engine))
-    finally:
-        release(ref_engine)
+        finally:
+            engine.shutdown()
+    load = lambda: scoring_engine(reference, seq_len, dtype=dtype, device=device)
+    return score_then_reference(engine, wins, load)
 
 
 def eval_main(args) -> int:
     """`lowbit eval` entry: print a table or JSON."""
     res = run_eval(args.model, args.reference, args.data, args.max_tokens, args.seq_len,
-                   args.dtype, args.device, getattr(args, "quantization", None),
-                   getattr(args, "torchao_config", None))  # fmt: skip
+                   args.dtype, args.device, args.quantization, args.torchao_config)  # fmt: skip
     print(json.dumps(res.to_dict(), indent=2) if args.json else res.table())
     return 0

@@ -59,3 +59,18 @@ def test_small_float_tables():
     table = torch.tensor(codes.NF4_VALUES)
     vals = codes.nf4_like_decode(torch.tensor([0x0F, 0x70], dtype=torch.uint8), table)
     assert vals.tolist() == [-1.0, 1.0, table[7].item(), -1.0]
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_pack_unpack_across_row_chunks(monkeypatch, bits):
+    """Rows split into several bounded chunks give the same words and codes as one chunk."""
+    gen = torch.Generator().manual_seed(bits)
+    q = torch.randint(0, 2**bits, (37, 64), generator=gen, dtype=torch.int32)
+    packed, unpacked = (
+        codes.pack_int32(q, bits, 1),
+        codes.unpack_int32(codes.pack_int32(q, bits, 1), bits, 1, 64),
+    )
+    monkeypatch.setattr(codes, "_CHUNK", 200)  # a few rows a chunk, a ragged last chunk
+    assert torch.equal(codes.pack_int32(q, bits, 1), packed)
+    assert torch.equal(codes.unpack_int32(packed, bits, 1, 64), unpacked)
+    assert torch.equal(unpacked, q)

@@ -19,6 +19,7 @@ import pytest
 import uvicorn
 
 from lowbit.config import EngineArgs
+from lowbit.engine.engine import Engine
 from lowbit.server.app import create_app
 from lowbit.server.engine_process import EngineProcess
 
@@ -52,8 +53,7 @@ class Served:
 
     def stats(self) -> dict:
         """The engine's queue and KV-cache occupancy, asked of the engine process."""
-        loop = self.loop
-        return asyncio.run_coroutine_threadsafe(loop.stats(), loop.event_loop).result(30)
+        return self.call(Engine.stats)
 
     def wait_idle(self, timeout: float = 10.0) -> dict:
         """Engine stats once nothing runs or waits and no KV block is used (or the timeout)."""

@@ -146,6 +146,7 @@ def test_hung_engine_is_stopped_and_requests_fail(watched_server):
         t0 = time.monotonic()
         r = http.post("/v1/completions", json={"model": MODEL, "prompt": "Hi", "max_tokens": 4})
         assert r.status_code == 503 and "stopped answering" in r.json()["error"]["message"]
-        assert time.monotonic() - t0 < 3.5  # failed by the watchdog, not after the slow step
+        assert time.monotonic() - t0 < 4.0  # failed by the watchdog, before the 4 s step ends
         assert http.get("/health").status_code == 503
+        served.engine.process.join(5)  # killed without waiting, so as not to block the loop
         assert not served.engine.alive

@@ -39,7 +39,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lowbit.kernels.codes import e8m0_ceil
+from lowbit.kernels.codes import MX_BLOCK, e8m0_ceil
 from lowbit.quant.formats.base import FormatResult, TensorIndex, linear_modules, wildcard_match
 from lowbit.quant.spec import (
     ActQuant,
@@ -52,7 +52,6 @@ from lowbit.quant.spec import (
 
 FP8_STATIC = ActQuant("fp8_e4m3", "static_tensor")
 NVFP4_ACT = ActQuant("fp4_e2m1", "dynamic_group", 16)
-MX_BLOCK = 32
 MX_ACT = ActQuant("fp8_e4m3", "dynamic_group", MX_BLOCK, scale_dtype="e8m0")
 
 

@@ -12,12 +12,10 @@ import math
 from pathlib import Path
 
 from lowbit.tools.eval import (
-    engine_scorer,
     eval_windows,
     evaluate,
     hf_scorer,
-    precompute,
-    release,
+    score_then_reference,
     scoring_engine,
 )
 from lowbit.tools.quantize.methods import Method
@@ -46,14 +44,11 @@ def evaluate_export(src_dir: Path, export_dir: Path, max_tokens: int, device=Non
         try:
             seq = min(EVAL_SEQ_LEN, quant.context_length - 1)
             wins = eval_windows(tok, None, max_tokens, seq)
-            scores = precompute(engine_scorer(quant), wins)
-        finally:
-            release(quant)
-        ref = scoring_engine(str(src_dir), EVAL_SEQ_LEN, device=device, dtype="float32")
-        try:
-            return evaluate(scores, wins, engine_scorer(ref)), "lowbit Engine"
-        finally:
-            release(ref)
+        except BaseException:
+            quant.shutdown()
+            raise
+        load = lambda: scoring_engine(str(src_dir), EVAL_SEQ_LEN, device=device, dtype="float32")
+        return score_then_reference(quant, wins, load), "lowbit Engine"
     dev = device or "cpu"
     model = from_export(src_dir, export_dir, dev)
     ref = AutoModelForCausalLM.from_pretrained(src_dir, dtype="float32").to(dev).eval()
