@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import gc
-import logging
 import weakref
 from pathlib import Path
 
@@ -258,18 +257,6 @@ def test_streaming_holds_one_full_precision_tensor(method, tmp_path, monkeypatch
 
 
 # ---- flags, devices and errors ----
-
-
-def test_fp8_without_fp8_units_runs_weight_only(monkeypatch, caplog):
-    """On a CUDA GPU without fp8 tensor cores, fp8 is weight-only and says so."""
-    monkeypatch.setattr(online.dispatch, "fp8_mma_supported", lambda device: False)
-    plan = online.online_plan("fp8")
-    assert plan.spec_of("model.layers.0.mlp.down_proj").act is not None
-    with caplog.at_level(logging.WARNING):
-        plan.prepare(torch.device("cuda"), torch.bfloat16)
-    assert "weight-only" in caplog.text
-    assert plan.spec_of("model.layers.0.mlp.down_proj").act is None
-    assert plan.spec_of("lm_head") is None
 
 
 def test_w4a16_refuses_awkward_shapes(tmp_path):

@@ -22,19 +22,15 @@ quantized weights plus one chunk (and the tensor being read, on the CPU).
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
-from lowbit.kernels import dispatch
 from lowbit.kernels.codes import NF4_VALUES, pack_int32
 from lowbit.quant.numerics import quantize_fp8, quantize_int
 from lowbit.quant.spec import ActQuant, PerChannel, PerGroup, QuantPlan, QuantSpec
-
-logger = logging.getLogger(__name__)
 
 W4_GROUP = 128
 BNB_BLOCK = 64
@@ -141,28 +137,18 @@ class OnlinePlan(QuantPlan):
             method=method.name,
             description=f"{method.name} (online, quantized while loading): {spec}"
             + (", lm_head too" if lm_head else ""),
-            spec_of=lambda name: self.spec if self._is_linear(name) else None,
+            spec_of=lambda name: spec if self._is_linear(name) else None,
             rename=self._quantize_tensor,
         )
         self.lm_head = lm_head
         self.online = method
-        self.spec = spec
         self.device = torch.device("cpu")
         self.dtype = torch.float32
 
     def prepare(self, device, dtype) -> None:
-        """Quantize on `device` from `dtype` weights; fp8 activations need fp8 tensor cores."""
+        """Quantize on `device` from `dtype` weights. (A GPU without fp8 tensor cores still gets
+        fp8 activations: dispatch runs the W8A8 reference there, as for fp8 checkpoints.)"""
         self.device, self.dtype = torch.device(device), dtype
-        act = self.spec.act
-        if act is not None and act.dtype.startswith("fp8") and self.device.type == "cuda":
-            if not dispatch.fp8_mma_supported(self.device):
-                logger.warning(
-                    "--quantization %s: this GPU has no fp8 tensor cores (needs SM 8.9+); "
-                    "running fp8 weight-only (activations stay in %s)",
-                    self.online.name,
-                    dtype,
-                )
-                self.spec = replace(self.spec, act=None)
 
     def _quantize_tensor(self, name: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
         """`<linear>.weight` → the layout's tensors; everything else passes through."""
