@@ -36,10 +36,9 @@ type: dynamic, scale_bits: e8m0}` on every `*weight_quantizer` and `*input_quant
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
-from lowbit.kernels.codes import MX_BLOCK, e8m0_ceil
+from lowbit.kernels.codes import MX_BLOCK
 from lowbit.quant.formats.base import FormatResult, TensorIndex, linear_modules, wildcard_match
 from lowbit.quant.spec import (
     ActQuant,
@@ -136,9 +135,6 @@ def parse(qcfg: dict, index: TensorIndex) -> FormatResult:
     kind = f"ModelOpt {'/'.join(sorted(algos)) or s['algo']}"
     block = any(a == "FP8_PB_WO" for a in algos)
     convert = _convert_block if block else _convert
-    mx = {m for m, sp in specs.items() if sp is not None and sp.layout == "modelopt_mxfp8"}
-    if mx:
-        convert = _with_mx_scales(convert, mx)
     return FormatResult("modelopt", kind, specs, tuple(accepts), convert=convert)
 
 
@@ -151,26 +147,12 @@ def _check_mx_tensors(index: TensorIndex, module: str) -> None:
             f"with K a multiple of {MX_BLOCK}"
         )
     want = [*w.shape[:-1], w.shape[-1] // MX_BLOCK]
-    if s is None or s.dtype not in ("U8", "F8_E8M0") or list(s.shape) != want:
+    if s is None or s.dtype != "U8" or list(s.shape) != want:
         have = "missing" if s is None else f"{s.dtype} {list(s.shape)}"
         raise ValueError(
             f"{module}.weight_scale is {have}; ModelOpt MXFP8 needs U8 e8m0 exponents of shape "
             f"{want} (one per {MX_BLOCK} inputs of weight {list(w.shape)})"
         )
-
-
-def _with_mx_scales(convert, mx: set[str]):
-    """MXFP8 scales stay uint8 exponents; F8_E8M0 ones (decoded to float on read) are re-encoded."""
-
-    def run(name: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
-        module, _, param = name.rpartition(".")
-        if module in mx:
-            if param == "weight_scale" and tensor.dtype != torch.uint8:
-                tensor = e8m0_ceil(tensor)  # exact: the values are powers of two
-            return [(name, tensor)]
-        return convert(name, tensor)
-
-    return run
 
 
 def _convert(name: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
