@@ -354,6 +354,23 @@ def test_schemes_that_cannot_replay_in_a_graph_say_so():
     assert TorchaoScheme("fp8dq-per_row").cuda_graph_safe
 
 
+@pytest.mark.parametrize("mode", ["dynamic_tensor", "dynamic_token"])
+def test_runner_finds_graph_unsafe_layers(tiny_llama, mode):
+    """What the runner checks before capturing: a model with per-tensor dynamic W8A8 linears is
+    graph-unsafe (named), one with per-token activations is not."""
+    from lowbit.config import EngineArgs, ModelConfig
+    from lowbit.engine.runner import ModelRunner, graph_unsafe
+    from lowbit.quant.spec import PerChannel, QuantPlan
+
+    spec = online.QuantSpec("fp8_e4m3", PerChannel(), "fp8", act=online.ActQuant("fp8_e4m3", mode))
+    plan = QuantPlan(method="test", description=str(spec),
+                     spec_of=lambda m: spec if ".layers." in m else None)  # fmt: skip
+    args = EngineArgs(str(tiny_llama), load_format="dummy", device="cpu", max_total_tokens=64)
+    runner = ModelRunner(args, ModelConfig.from_dir(tiny_llama), plan, tiny_llama)
+    found = graph_unsafe(runner.model)
+    assert (found is not None) == (mode == "dynamic_tensor"), found
+
+
 def test_inspect_shows_the_online_plan(capsys):
     """`lowbit inspect --quantization fp8` (demo model by default): every decoder linear fp8
     W8A8, nothing else quantized, no weights read."""
