@@ -196,14 +196,17 @@ def test_server_stops_leave_no_orphan(tiny_llama, sig):
     assert not _alive(children, within=10), "processes outlived the server"
 
 
-def test_engine_start_error_fails_before_the_port_is_bound(capsys):
-    """A model path that does not exist: exit status 2 with the engine's message, no listener."""
-    port = _free_port()
-    status = launch_server.main(["--model-path", "/no/such/model", "--port", str(port)])
+def test_engine_start_error_fails_before_the_port_is_bound(capsys, monkeypatch):
+    """A model path that does not exist: exit status 2 with the engine's message, and uvicorn
+    (which binds the port) is never started."""
+    import uvicorn
+
+    started = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **kw: started.append(a))
+    status = launch_server.main(["--model-path", "/no/such/model", "--port", str(_free_port())])
     assert status == 2
     assert "/no/such/model' does not exist" in capsys.readouterr().err
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", port))  # still free: nothing ever listened
+    assert not started
 
 
 @pytest.mark.skipif(
