@@ -179,7 +179,7 @@ class ModelRunner:
         return resolve_kv_scales(
             self.kv_dtype,
             self.args.kv_cache_dtype,
-            getattr(plan, "kv_scales", {}),  # torchao plans carry none
+            plan.kv_scales,
             self.cfg.num_layers,
             lambda: self._calibration_amax(model_dir),
         )

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from lowbit.kernels import dispatch
+from lowbit.quant.spec import QuantPlan
 
 logger = logging.getLogger(__name__)
 
@@ -169,29 +170,19 @@ class TorchaoScheme:
         return f"torchao {self.name} → torchao.quantize_ tensor subclass"
 
 
-class TorchaoPlan:
-    """Every decoder linear gets `TorchaoScheme`; lm_head stays full precision (as in SGLang)."""
+class TorchaoPlan(QuantPlan):
+    """Every decoder linear gets `TorchaoScheme`; lm_head stays full precision (as in SGLang).
+    Checkpoint tensors pass through unchanged (a full-precision checkpoint)."""
 
     def __init__(self, name: str):
-        self.method = f"torchao:{name}"
-        self.description = f"torchao {name} (online, applied while loading)"
+        super().__init__(method=f"torchao:{name}",
+                         description=f"torchao {name} (online, applied while loading)")  # fmt: skip
         self.name = name
-
-    def prepare(self, device, dtype) -> None:
-        """Nothing to learn: TorchaoScheme stages weights on the default device."""
 
     def scheme_for(self, prefix: str, sources: list[str]):
         """TorchaoScheme for decoder linears, unquantized for lm_head."""
-        if prefix == "lm_head":
-            from lowbit.quant.schemes.unquantized import UnquantizedScheme
+        from lowbit.quant.schemes.unquantized import UnquantizedScheme
 
-            return UnquantizedScheme()
-        return TorchaoScheme(self.name)
-
-    def transform(self, name: str, tensor: Tensor) -> list[tuple[str, Tensor]]:
-        """Checkpoint tensors pass through unchanged."""
-        return [(name, tensor)]
-
-    def expected_unused(self, name: str) -> bool:
-        """Nothing in a full-precision checkpoint is skipped."""
-        return False
+        scheme = UnquantizedScheme() if prefix == "lm_head" else TorchaoScheme(self.name)
+        self.chosen[prefix], self.sources[prefix] = scheme, list(sources)
+        return scheme
