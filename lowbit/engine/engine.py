@@ -132,28 +132,8 @@ class Engine:
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt given as text or ids, validated against vocab and context."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt is empty; give at least one character or token id")
-            ids = self.tokenizer(prompt)["input_ids"]
-        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
-            ids = list(prompt)
-        else:
-            raise TypeError(
-                f"a prompt is a str or a list of token ids, got {type(prompt).__name__}"
-            )
-        if not ids:
-            raise ValueError("prompt is empty; give at least one character or token id")
-        vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not 0 <= t < vocab]
-        if bad:
-            raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
-        if len(ids) >= self.context_length:
-            raise ValueError(
-                f"prompt has {len(ids)} tokens but the context length is {self.context_length}; "
-                f"shorten the prompt (at least one token must be left to generate)"
-            )
-        return ids
+        return encode_prompt(self.tokenizer, self.model_config.vocab_size, self.context_length,
+                             prompt)  # fmt: skip
 
     def add_request(
         self,
@@ -371,3 +351,27 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def encode_prompt(tokenizer, vocab: int, context_length: int, prompt: str | list[int]) -> list[int]:
+    """Token ids of a prompt given as text or ids, validated against vocab and context (the
+    engine's rule, also applied by the server process before a request reaches the engine)."""
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt is empty; give at least one character or token id")
+        ids = tokenizer(prompt)["input_ids"]
+    elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+        ids = list(prompt)
+    else:
+        raise TypeError(f"a prompt is a str or a list of token ids, got {type(prompt).__name__}")
+    if not ids:
+        raise ValueError("prompt is empty; give at least one character or token id")
+    bad = [t for t in ids if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+    if len(ids) >= context_length:
+        raise ValueError(
+            f"prompt has {len(ids)} tokens but the context length is {context_length}; "
+            f"shorten the prompt (at least one token must be left to generate)"
+        )
+    return ids

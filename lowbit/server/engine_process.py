@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from lowbit.config import EngineArgs, ModelConfig
-from lowbit.engine.engine import Engine
+from lowbit.engine.engine import Engine, encode_prompt
 from lowbit.engine.tokenizer import load_tokenizer
 from lowbit.server.errors import bad_request
 
@@ -144,7 +144,8 @@ class EngineProcess:
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a prompt, validated exactly as the engine does it, in this process."""
-        return Engine.encode(self, prompt)
+        return encode_prompt(self.tokenizer, self.model_config.vocab_size, self.context_length,
+                             prompt)  # fmt: skip
 
 
 def _build(args: EngineArgs) -> Engine:
