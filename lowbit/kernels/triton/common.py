@@ -3,12 +3,17 @@ the grouped ordering of output tiles."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 REDUCE_BLOCK = 1024
+# Inline PTX where the compiler's own lowering is slower; Triton's interpreter (CPU debugging,
+# `TRITON_INTERPRET=1`) runs no PTX, so it takes the plain expression with the same result.
+USE_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 
 
 def splitk_buffer(split: int, M: int, N: int, dtype: torch.dtype, device) -> Tensor:
@@ -57,3 +62,19 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     first_m = (pid // per_group) * GROUP_M
     rows = tl.minimum(tiles_m - first_m, GROUP_M)
     return first_m + (pid % per_group) % rows, (pid % per_group) // rows
+
+
+@triton.jit
+def and_or_f32(w, MASK: tl.constexpr, MAGIC: tl.constexpr):
+    """The int32 words w as fp32 bit patterns (w & MASK) | MAGIC, in one LOP3 on the GPU: ptxas
+    leaves the AND and the OR as two instructions, and this is the whole body of a code's
+    integer → float step in the dequantizing loops."""
+    if USE_PTX:
+        return tl.inline_asm_elementwise(
+            "lop3.b32 $0, $1, $2, $3, 0xEA;",  # 0xEA = (a & b) | c
+            "=r,r,r,r",
+            [w, tl.full(w.shape, MASK, tl.int32), tl.full(w.shape, MAGIC, tl.int32)],
+            dtype=tl.float32, is_pure=True, pack=1,
+        )  # fmt: skip
+    else:
+        return ((w & MASK) | MAGIC).to(tl.float32, bitcast=True)

@@ -5,13 +5,15 @@ Reads the canonical layout of `wna16_gemm.py` (qweight (K, N/P) int32 packed alo
 y = x @ dequant(W)^T for M ≤ a few rows, where tensor cores buy nothing and the MMA path's
 operand shuffles cost more than the arithmetic.
 
-Per weight value the loop body is one shift, one LOP3 and one FFMA per row of x:
-  * code i of a word is moved to bits 23-BITS… of an fp32 mantissa and OR-ed with the exponent
-    of 2^BITS, which makes the float 2^BITS + code exactly (no int→float conversion);
-  * the products x·(2^BITS + code) are summed over a chunk of CHUNK rows of one group, and the
-    offset and zero are removed once per chunk: Σ x (q − z) = Σ x (2^BITS + q) − (2^BITS + z) Σ x,
-    then the chunk is scaled by its group scale. The offset is small (16 for int4), so fp32
-    keeps ~17 bits of the result.
+Per weight value the loop body is about one LOP3, one FFMA per row of x and half a shift:
+  * code i of a word is moved to bit 15 or 19 of an fp32 mantissa (int4 codes 2j and 2j+1 share
+    one shift) and masked and OR-ed with the exponent of its offset 2^(23 - bit) in one LOP3
+    (`common.and_or_f32`; ptxas would emit two), which makes the float offset + code exactly
+    (no int→float conversion);
+  * the products x·(offset + code) are summed over a chunk of CHUNK rows of one group, and the
+    offset and zero are removed once per chunk: Σ x (q − z) = Σ x (off + q) − (off + z) Σ x,
+    then the chunk is scaled by its group scale. The offsets are small (16 or 256 for int4,
+    256 for int8), so fp32 keeps ≥ 15 bits of the result.
 A program owns BLOCK_W packed words (P·BLOCK_W columns) and `per_split` chunks of K; each
 thread loads 4 words (16 bytes) a row and sums its rows in registers before lanes combine.
 Splits write fp32 partials that `common.splitk_finish` sums (+ bias) in one more launch;
@@ -24,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lowbit.kernels.triton.common import splitk_buffer, splitk_finish
+from lowbit.kernels.triton.common import and_or_f32, splitk_buffer, splitk_finish
 from lowbit.kernels.triton.wna16_gemm import checked_rows
 
 NUM_SMS = 132
@@ -68,23 +70,41 @@ def _config(M: int, N: int, K: int, G: int, P: int, **over) -> tuple[int, ...]:
     return block_w, block_k, chunk, per_split, warps, stages, unroll
 
 
+@triton.constexpr_function
+def _code_pos(i, BITS):
+    """Mantissa bit where code i of a word is placed: 19 (odd int4 codes) or 15 (even int4
+    codes, 8-bit codes), so one shift serves both int4 codes of a byte."""
+    if BITS == 4:
+        return 15 + 4 * (i % 2)
+    else:
+        return 23 - BITS
+
+
+@triton.constexpr_function
+def _code_offset(i, BITS):
+    """What `_codes_f32` adds to code i: 2^(23 - position) (16 or 256)."""
+    return 1 << (23 - _code_pos(i, BITS))
+
+
 @triton.jit
 def _codes_f32(w, i: tl.constexpr, BITS: tl.constexpr):
-    """Code i of each int32 word as the fp32 2^BITS + code (bit trick, exact)."""
-    POS: tl.constexpr = 23 - BITS
-    MAGIC: tl.constexpr = (127 + BITS) << 23  # bit pattern of 2.0 ** BITS
-    MASK: tl.constexpr = (1 << BITS) - 1
+    """Code i of each int32 word as the fp32 `_code_offset` + code (bit trick, exact): the code
+    is shifted to its mantissa position and masked and OR-ed with the offset's exponent in one
+    LOP3. Int4 codes 2j and 2j+1 share the shift (to bits 15 and 19)."""
+    POS: tl.constexpr = _code_pos(i, BITS)
     SH: tl.constexpr = POS - BITS * i
+    MAGIC: tl.constexpr = (127 + 23 - POS) << 23  # bit pattern of 2.0 ** (23 - POS)
+    MASK: tl.constexpr = ((1 << BITS) - 1) << POS
     if SH >= 0:
-        q = (w << SH) & (MASK << POS)
+        q = w << SH
     else:
-        q = (w >> -SH) & (MASK << POS)
-    return (q | MAGIC).to(tl.float32, bitcast=True)
+        q = w >> -SH  # arithmetic: the sign bits it shifts in lie above the mask
+    return and_or_f32(q, MASK, MAGIC)
 
 
 @triton.jit
 def _dot_rows(w, x, i: tl.constexpr, BITS: tl.constexpr):
-    """(BM, BW) partial Σ_k x[m, k] · (2^BITS + code_i[k, w]) of one tile."""
+    """(BM, BW) partial Σ_k x[m, k] · (offset_i + code_i[k, w]) of one tile."""
     f = _codes_f32(w, i, BITS)  # (BK, BW)
     return tl.sum(f[None, :, :] * x[:, :, None], axis=1)
 
@@ -118,13 +138,13 @@ def _k_tile(p0, p1, p2, p3, p4, p5, p6, p7, xsum, k0, x_ptr, qw_ptr, rm, rj, m_m
 @triton.jit
 def _finish_code(acc, part, xsum, s_row, z_row, rj, j_mask, i: tl.constexpr, P: tl.constexpr,
                  BITS: tl.constexpr, HAS_ZERO: tl.constexpr):  # fmt: skip
-    """acc += scale · (part − (2^BITS + zero) · Σx) for code i's columns P·j + i."""
+    """acc += scale · (part − (offset + zero) · Σx) for code i's columns P·j + i."""
     s = tl.load(s_row + rj * P + i, mask=j_mask, other=0.0).to(tl.float32)
     if HAS_ZERO:
         zw = tl.load(z_row + rj, mask=j_mask, other=0)
-        off = ((zw >> (BITS * i)) & ((1 << BITS) - 1)).to(tl.float32) + (1 << BITS)
+        off = ((zw >> (BITS * i)) & ((1 << BITS) - 1)).to(tl.float32) + _code_offset(i, BITS)
     else:
-        off = tl.full(s.shape, (1 << BITS) + (1 << (BITS - 1)), tl.float32)
+        off = tl.full(s.shape, _code_offset(i, BITS) + (1 << (BITS - 1)), tl.float32)
     return acc + s[None, :] * (part - off[None, :] * xsum[:, None])
 
 
