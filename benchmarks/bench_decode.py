@@ -9,8 +9,10 @@ eager (same config, random bf16 weights, sdpa, DynamicCache), and torchao int4wo
 static cache under torch.compile (batch sizes --torchao-batches; skipped when torchao is not
 installed — carry its wheel to the lent machine).
 
-Variant names: `<scheme>[+eager]`; scheme `bf16` (unquantized) or one of
-benchlib.BENCH_SCHEMES, lowbit's own quantized plans over dummy weights (benchlib.bench_plan).
+Variant names: `<scheme>[+eager][+nopdl]`; `+nopdl` launches without programmatic dependent
+launch (lowbit.kernels.triton.common.PDL_ENABLED off, as LOWBIT_PDL=0 would); scheme `bf16`
+(unquantized) or one of benchlib.BENCH_SCHEMES, lowbit's own quantized plans over dummy
+weights (benchlib.bench_plan).
 RMSNorm, rotary and SwiGLU run the fused Triton kernels in every variant (the layers call them
 since run 4; runs 1–3 had a `+fused` flag that patched them in).
 """
@@ -59,11 +61,22 @@ def _time_steps(runner, tok, lens: list[int], tables: list[list[int]], steps: in
 
 def lowbit_decode(model_dir: Path, variant: str, batches: list[int], prompt: int, steps: int):
     """tok/s per batch size for one lowbit variant."""
-    from lowbit.engine.runner import ModelRunner
+    from lowbit.kernels.triton import common
 
     scheme, *flags = variant.split("+")
-    if set(flags) - {"eager"}:
-        raise ValueError(f"variant {variant!r}: the only flag is +eager")
+    if set(flags) - {"eager", "nopdl"}:
+        raise ValueError(f"variant {variant!r}: the flags are +eager and +nopdl")
+    pdl_was = common.PDL_ENABLED
+    common.PDL_ENABLED = pdl_was and "nopdl" not in flags
+    try:
+        return _lowbit_decode(model_dir, scheme, variant, flags, batches, prompt, steps)
+    finally:
+        common.PDL_ENABLED = pdl_was
+
+
+def _lowbit_decode(model_dir, scheme, variant, flags, batches, prompt, steps):
+    from lowbit.engine.runner import ModelRunner
+
     cfg = ModelConfig.from_dir(model_dir)
     plan = QuantPlan() if scheme == "bf16" else bench_plan(scheme)
     max_b = max(batches)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from gpu_util import ACT_DTYPE, gpu_device, paged_attention_oracle, rel_err  # noqa: F401
+from gpu_util import (  # noqa: F401
+    ACT_DTYPE,
+    gpu_device,
+    interpreter_scalar_index,
+    paged_attention_oracle,
+    rel_err,
+)
 
 from lowbit.kernels import dispatch
 

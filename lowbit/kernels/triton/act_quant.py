@@ -11,6 +11,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.triton.common import pdl, pdl_enter
+
 QMAX = {torch.float8_e4m3fn: 448.0, torch.int8: 127.0}
 EPS = 1e-10  # all-zero rows get a tiny scale instead of a division by zero
 
@@ -20,7 +22,9 @@ def _act_quant_kernel(
     x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm,
     GROUP: tl.constexpr, BLOCK: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr,
     EPS: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     m = tl.program_id(0)
     g = tl.program_id(1)
     k = g * GROUP + tl.arange(0, BLOCK)
@@ -60,6 +64,6 @@ def act_quant(
         x, q, s, K, x.stride(0), q.stride(0), s.stride(0),
         GROUP=group, BLOCK=block, QMAX=float(qmax or QMAX[dtype]), IS_INT=dtype == torch.int8,
         EPS=EPS,
-        num_warps=min(16, max(1, block // 256)),
+        **pdl(x.device), num_warps=min(16, max(1, block // 256)),
     )  # fmt: skip
     return q, s

@@ -3,6 +3,7 @@ the grouped ordering of output tiles."""
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -14,6 +15,30 @@ REDUCE_BLOCK = 1024
 # Inline PTX where the compiler's own lowering is slower; Triton's interpreter (CPU debugging,
 # `TRITON_INTERPRET=1`) runs no PTX, so it takes the plain expression with the same result.
 USE_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
+
+# Programmatic dependent launch (Hopper+): a kernel launched with `pdl(device)` is scheduled
+# while the kernel before it in the stream still runs, and waits in `pdl_enter` until that
+# kernel's writes are visible, so the launch gap between consecutive small kernels (batch-1
+# decode: ~15 a layer) is hidden. LOWBIT_PDL=0 turns it off; benchmarks flip PDL_ENABLED.
+PDL_ENABLED = os.environ.get("LOWBIT_PDL", "1") != "0"
+
+
+@functools.cache
+def _pdl_capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def pdl(device: torch.device) -> dict[str, bool]:
+    """Launch keywords of a kernel that starts with `pdl_enter(PDL)`: its PDL flag and Triton's
+    `launch_pdl` option, both on for CUDA devices of compute capability ≥ 9.0 (sm_90's
+    griddepcontrol) unless PDL is turned off or Triton is interpreting."""
+    on = bool(
+        PDL_ENABLED
+        and USE_PTX.value
+        and device.type == "cuda"
+        and _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
+    )
+    return {"PDL": on, "launch_pdl": on}
 
 
 def splitk_buffer(split: int, M: int, N: int, dtype: torch.dtype, device) -> Tensor:
@@ -33,14 +58,16 @@ def splitk_finish(out: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tenso
     y = torch.empty(M, N, dtype=dtype, device=out.device)
     _splitk_reduce_kernel[(triton.cdiv(M * N, REDUCE_BLOCK),)](
         out, bias if bias is not None else out, y, M * N, N, split, out.stride(0),
-        HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, num_warps=4,
+        HAS_BIAS=bias is not None, BLOCK=REDUCE_BLOCK, **pdl(out.device), num_warps=4,
     )  # fmt: skip
     return y
 
 
 @triton.jit
 def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, MN, N, SPLIT, stride_s,
-                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
+                          HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                          PDL: tl.constexpr):  # fmt: skip
+    pdl_enter(PDL)
     # out (M, N) = Σ_s part[s] (+ bias), fp32 sums, cast once.
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
@@ -78,3 +105,14 @@ def and_or_f32(w, MASK: tl.constexpr, MAGIC: tl.constexpr):
         )  # fmt: skip
     else:
         return ((w & MASK) | MAGIC).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """The first statement of every kernel launched with `pdl(...)` (nothing before it may read
+    or write memory): wait until the previous kernel in the stream has finished and its writes
+    are visible, then let the next kernel launch (it will wait here in turn), so at most two
+    kernels overlap. A no-op when PDL is off."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()

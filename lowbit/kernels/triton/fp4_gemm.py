@@ -36,7 +36,7 @@ import triton.language as tl
 from torch import Tensor
 
 from lowbit.kernels import reference
-from lowbit.kernels.triton.common import grouped_tile, splitk_buffer, splitk_finish
+from lowbit.kernels.triton.common import grouped_tile, pdl, pdl_enter, splitk_buffer, splitk_finish
 
 NUM_SMS = 132
 GEMV_MAX_M = 2  # every row of x is a register accumulator of BLOCK_N × BLOCK_K
@@ -131,7 +131,9 @@ def _fp4_gemv_kernel(
     GROUP: tl.constexpr, MX: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PER_SPLIT: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     BKW: tl.constexpr = BLOCK_K // 8
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -169,7 +171,9 @@ def _fp4_mma_kernel(
     GROUP: tl.constexpr, MX: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SWAP: tl.constexpr, K_TILES: tl.constexpr, EVEN_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     # SWAP accumulates acc^T (BN, BM) += W x^T: on Hopper the decoded tile is then wgmma's A
     # operand, which may come from registers, and a small M becomes the MMA's N (see
     # wna16_tiled.py). Grouped ordering: GROUP_M row tiles sweep N together (L2 reuse of W).
@@ -226,7 +230,7 @@ def _gemv(x2, w32, sb, rs, bias, G, mx, out_dtype, over) -> Tensor:
         x2.stride(0), w32.stride(0), sb.stride(0), out.stride(0), out.stride(1),
         GROUP=G, MX=mx, HAS_ROW_SCALE=rs is not None, HAS_BIAS=has_bias,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, PER_SPLIT=per_split,
-        EVEN=even, STAGES=stages, num_warps=warps, num_stages=stages,
+        EVEN=even, STAGES=stages, **pdl(out.device), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return splitk_finish(out, bias, out_dtype)
 
@@ -254,7 +258,7 @@ def _mma(x2, w32, sb, rs, bias, G, mx, out_dtype, over) -> Tensor:
         GROUP=G, MX=mx, HAS_ROW_SCALE=rs is not None, HAS_BIAS=bias is not None,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["group_m"], SWAP=bool(cfg["swap"]),
         K_TILES=triton.cdiv(KW, bk // 8), EVEN_K=KW % (bk // 8) == 0,
-        num_warps=cfg["warps"], num_stages=cfg["stages"],
+        **pdl(out.device), num_warps=cfg["warps"], num_stages=cfg["stages"],
     )  # fmt: skip
     return out
 

@@ -12,6 +12,7 @@ import triton.language as tl
 from torch import Tensor
 
 from lowbit.kernels.triton.act_quant import act_quant
+from lowbit.kernels.triton.common import pdl, pdl_enter
 
 NUM_SMS = 132
 
@@ -30,7 +31,9 @@ def _fp8_block_gemm_kernel(
     x_ptr, w_ptr, xs_ptr, ws_ptr, out_ptr, M, N, K,
     stride_xm, stride_wn, stride_xsm, stride_wsn, stride_om,
     BLOCK_WN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -89,7 +92,8 @@ def fp8_block_gemm(
     _fp8_block_gemm_kernel[grid](
         xq, weight, xs, weight_scale, out, M, N, K,
         xq.stride(0), weight.stride(0), xs.stride(0), weight_scale.stride(0), out.stride(0),
-        BLOCK_WN=bn_w, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, num_warps=warps, num_stages=stages,
+        BLOCK_WN=bn_w, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,
+        **pdl(out.device), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if bias is not None:
         out = out + bias

@@ -10,6 +10,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.triton.common import pdl, pdl_enter
+
 # Largest finite values: stores saturate instead of overflowing to NaN/inf.
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
@@ -19,7 +21,9 @@ def _kv_store_kernel(
     k_ptr, v_ptr, kc_ptr, vc_ptr, slot_ptr, inv_k_scale, inv_v_scale,
     stride_kt, stride_kh, stride_vt, stride_vh, stride_cs, stride_ch,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, IS_FP8: tl.constexpr, FP8_MAX: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -65,5 +69,5 @@ def kv_store(
         k, v, k_cache, v_cache, slots, 1.0 / k_scale, 1.0 / v_scale,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1), k_cache.stride(0), k_cache.stride(1),
         HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), IS_FP8=itemsize == 1, FP8_MAX=fp8_max,
-        num_warps=1,
+        **pdl(k.device), num_warps=1,
     )  # fmt: skip

@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.triton.common import pdl, pdl_enter
+
 BLOCK_N = 64  # context tokens per inner step
 TARGET_PROGRAMS = 264  # ~2 waves of 132 SMs (H100 SXM)
 MAX_SPLITS = 32
@@ -25,7 +27,9 @@ def _paged_decode_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     IS_FP8: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     b = tl.program_id(0)
     hkv = tl.program_id(1)
     split = tl.program_id(2)
@@ -93,7 +97,9 @@ def _paged_decode_attention_kernel(
 def _merge_splits_kernel(
     part_ptr, ml_ptr, out_ptr, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     b = tl.program_id(0)
     h = tl.program_id(1)
     H = tl.num_programs(1)
@@ -166,11 +172,11 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, NUM_SPLITS=splits,
         IS_FP8=k_cache.dtype.itemsize == 1,
-        num_warps=4, num_stages=2,
+        **pdl(q.device), num_warps=4, num_stages=2,
     )  # fmt: skip
     if splits > 1:
         _merge_splits_kernel[(B, H)](
             part, ml, out, out.stride(0), out.stride(1),
-            HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits, num_warps=4,
+            HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits, **pdl(out.device), num_warps=4,
         )  # fmt: skip
     return out

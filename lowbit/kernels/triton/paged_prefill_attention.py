@@ -12,6 +12,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.triton.common import pdl, pdl_enter
+
 BLOCK_M = 64  # query rows per program
 BLOCK_N = 64  # context tokens per inner step
 
@@ -24,7 +26,9 @@ def _paged_prefill_attention_kernel(
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     IS_FP8: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     tile = tl.program_id(0)
     b = tl.program_id(1)
     h = tl.program_id(2)
@@ -121,6 +125,6 @@ def paged_prefill_attention(
         out.stride(0), out.stride(1),
         GROUP=H // Hkv, HEAD_DIM=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_SIZE=block_size,
         BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, IS_FP8=k_cache.dtype.itemsize == 1,
-        num_warps=4, num_stages=2,
+        **pdl(q.device), num_warps=4, num_stages=2,
     )  # fmt: skip
     return out

@@ -11,13 +11,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.triton.common import pdl, pdl_enter
+
 
 @triton.jit
 def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, out_ptr, rout_ptr, N, eps,
     stride_x, stride_r, stride_o, stride_ro,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
@@ -57,7 +61,7 @@ def rms_norm(
         x2, r2, weight, out, rout, N, eps,
         x2.stride(0), r2.stride(0), out.stride(0), rout.stride(0),
         HAS_RESIDUAL=residual is not None, BLOCK=block,
-        num_warps=min(16, max(1, block // 512)),
+        **pdl(x2.device), num_warps=min(16, max(1, block // 512)),
     )  # fmt: skip
     out = out.reshape(x.shape)
     return out if residual is None else (out, rout.reshape(x.shape))

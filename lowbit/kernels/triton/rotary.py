@@ -11,13 +11,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.triton.common import pdl, pdl_enter
+
 
 @triton.jit
 def _rotary_kernel(
     q_ptr, k_ptr, qo_ptr, ko_ptr, pos_ptr, cos_ptr, sin_ptr,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_qot, stride_qoh, stride_kot, stride_koh,
     stride_c, H: tl.constexpr, HALF: tl.constexpr, BLOCK: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     t = tl.program_id(0)
     h = tl.program_id(1)
     if h < H:
@@ -58,6 +62,7 @@ def rotary(
             q, k, qo, ko, positions, cos, sin,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1),
             qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1),
-            cos.stride(0), H=H, HALF=D // 2, BLOCK=triton.next_power_of_2(D // 2), num_warps=1,
+            cos.stride(0), H=H, HALF=D // 2, BLOCK=triton.next_power_of_2(D // 2),
+            **pdl(q.device), num_warps=1,
         )  # fmt: skip
     return qo, ko

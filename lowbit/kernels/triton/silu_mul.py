@@ -7,11 +7,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.triton.common import pdl, pdl_enter
+
 BLOCK = 1024
 
 
 @triton.jit
-def _silu_mul_kernel(x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr):
+def _silu_mul_kernel(
+    x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr
+):
+    pdl_enter(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
@@ -33,6 +38,6 @@ def silu_mul(x: Tensor) -> Tensor:
     out = torch.empty(M, I, dtype=x.dtype, device=x.device)
     if M:
         _silu_mul_kernel[(M, triton.cdiv(I, BLOCK))](
-            x2, out, I, x2.stride(0), out.stride(0), BLOCK=BLOCK, num_warps=4
+            x2, out, I, x2.stride(0), out.stride(0), BLOCK=BLOCK, **pdl(x2.device), num_warps=4
         )
     return out.reshape(*x.shape[:-1], I)

@@ -14,6 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from lowbit.kernels.triton.act_quant import act_quant
+from lowbit.kernels.triton.common import pdl, pdl_enter
 from lowbit.kernels.triton.w8a8_gemv import w8a8_gemv
 
 NUM_SMS = 132
@@ -55,7 +56,9 @@ def _w8a8_gemm_kernel(
     stride_xm, stride_wn, stride_xsm, stride_os, stride_om,
     IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -147,7 +150,7 @@ def w8a8_gemm(
         xq, weight, xs, ws, bias if has_bias else ws, out, M, N, K,
         xq.stride(0), weight.stride(0), xs.stride(0), out.stride(0), out.stride(1),
         IS_INT=is_int, HAS_BIAS=has_bias, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
-        num_warps=warps, num_stages=stages,
+        **pdl(out.device), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     y = out[0] if split == 1 else out.sum(0)
     if bias is not None and not has_bias:

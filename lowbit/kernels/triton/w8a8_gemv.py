@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lowbit.kernels.triton.common import splitk_buffer, splitk_finish
+from lowbit.kernels.triton.common import pdl, pdl_enter, splitk_buffer, splitk_finish
 
 NUM_SMS = 132
 MAX_M = 2  # every row is a register accumulator of BLOCK_N × BLOCK_K
@@ -54,7 +54,9 @@ def _w8a8_gemv_kernel(
     stride_xm, stride_wn, stride_xsm, stride_os, stride_om,
     IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -123,6 +125,6 @@ def w8a8_gemv(
         xq.stride(0), weight.stride(0), xs.stride(0), out.stride(0), out.stride(1),
         IS_INT=xq.dtype == torch.int8, HAS_BIAS=has_bias, BLOCK_M=triton.next_power_of_2(M),
         BLOCK_N=bn, BLOCK_K=bk, PER_SPLIT=per_split, EVEN=even, STAGES=stages,
-        num_warps=warps, num_stages=stages,
+        **pdl(out.device), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return splitk_finish(out, bias, out_dtype)

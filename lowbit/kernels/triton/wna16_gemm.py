@@ -23,6 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.triton.common import pdl, pdl_enter
+
 NUM_SMS = 132
 # Above this M the GEMM is compute-bound: dequantize once, then cuBLAS (the fused kernel's
 # batched mma is far from the bf16 peak).
@@ -62,7 +64,9 @@ def _wna16_gemm_kernel(
     stride_xm, stride_qk, stride_sg, stride_zg, stride_os, stride_om,
     GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, MAGIC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     # Each packed word holds P columns n = P·j + i. Rather than shuffling the nibbles apart, the
     # tile is unpacked into P slices (slice i = columns P·j + i) and multiplied as a batch of P
     # (BK, BN/P) matrices: one shift and mask per value, no data movement between lanes.
@@ -123,7 +127,9 @@ def _wna16_dequant_kernel(
     qw_ptr, s_ptr, z_ptr, out_ptr, N, K, stride_qk, stride_sg, stride_zg, stride_ok,
     GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     # Large M is compute-bound: dequantize W^T once to (K, N) and let cuBLAS do the GEMM.
     P: tl.constexpr = 32 // BITS
     BNP: tl.constexpr = BLOCK_N // P
@@ -212,7 +218,7 @@ def wna16_gemm(
             qweight, scales, qzeros if qzeros is not None else qweight, wt, N, K,
             qweight.stride(0), scales.stride(0), qzeros.stride(0) if qzeros is not None else 0,
             wt.stride(0), GROUP=G, BITS=bits, HAS_ZERO=qzeros is not None,
-            BLOCK_N=128, BLOCK_K=32, num_warps=4,
+            BLOCK_N=128, BLOCK_K=32, **pdl(wt.device), num_warps=4,
         )  # fmt: skip
         y = x2 @ wt
         if bias is not None:
@@ -230,7 +236,8 @@ def wna16_gemm(
         x2.stride(0), qweight.stride(0), scales.stride(0),
         qzeros.stride(0) if qzeros is not None else 0, out.stride(0), out.stride(1),
         GROUP=G, BITS=bits, HAS_ZERO=qzeros is not None, MAGIC=_magic(x.dtype, bits),
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split, num_warps=warps, num_stages=stages,
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, SPLIT_K=split,
+        **pdl(out.device), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     y = out[0] if split == 1 else out.sum(0).to(x.dtype)
     if bias is not None:

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lowbit.kernels.triton.common import and_or_f32, splitk_buffer, splitk_finish
+from lowbit.kernels.triton.common import and_or_f32, pdl, pdl_enter, splitk_buffer, splitk_finish
 from lowbit.kernels.triton.wna16_gemm import checked_rows
 
 NUM_SMS = 132
@@ -167,7 +167,9 @@ def _wna16_gemv_kernel(
     GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
     EVEN_W: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     P: tl.constexpr = 32 // BITS
     pid_w = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -256,6 +258,6 @@ def wna16_gemv(
         GROUP=G, BITS=bits, HAS_ZERO=qzeros is not None,
         HAS_BIAS=bias is not None and split == 1, BLOCK_M=block_m, BLOCK_W=block_w,
         BLOCK_K=block_k, CHUNK=chunk, EVEN_W=(N // P) % block_w == 0, UNROLL=bool(unroll),
-        STAGES=stages, num_warps=warps, num_stages=stages,
+        STAGES=stages, **pdl(out.device), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return splitk_finish(out, bias, x.dtype).reshape(*lead, N)

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lowbit.kernels.triton.common import grouped_tile
+from lowbit.kernels.triton.common import grouped_tile, pdl, pdl_enter
 from lowbit.kernels.triton.wna16_gemm import _magic, checked_rows
 
 
@@ -41,7 +41,9 @@ def _wna16_tiled_kernel(
     GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     MAGIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, SWAP: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     # One (BM, BN) output tile a program. Each K tile's packed words (BK, BN/P) are unpacked
     # to (BK, BN/P, P) and flattened, which puts code i of word j at column P·j + i: the natural
     # column order, so the group's scales and zeros are contiguous (BN,) rows and the whole
@@ -139,6 +141,6 @@ def wna16_gemm_tiled(
         qzeros.stride(0) if qzeros is not None else 0, out.stride(0),
         GROUP=G, BITS=bits, HAS_ZERO=qzeros is not None, HAS_BIAS=bias is not None,
         MAGIC=_magic(x.dtype, bits), BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["group_m"],
-        SWAP=bool(cfg["swap"]), num_warps=cfg["warps"], num_stages=cfg["stages"],
+        SWAP=bool(cfg["swap"]), **pdl(out.device), num_warps=cfg["warps"], num_stages=cfg["stages"],
     )  # fmt: skip
     return out.reshape(*lead, N)
