@@ -29,7 +29,7 @@ ROTATE_BYTES = 256 << 20  # > 5× the H100's 50 MB L2
 def _weights(scheme: str, N: int, K: int) -> tuple[dict, int]:
     """One set of random weights in the scheme's layout, and its bytes."""
     d = "cuda"
-    if scheme == "bf16":
+    if scheme.split(":")[0] in ("bf16", "bf16-triton"):
         w = {"w": torch.randn(N, K, device=d, dtype=torch.bfloat16) * 0.02}
     elif scheme.split(":")[0] in ("w4a16", "w8a16", "w4a16-mma", "w8a16-mma"):
         bits = 4 if scheme.startswith("w4a16") else 8
@@ -74,10 +74,15 @@ def _call(scheme: str, x, w):
     GEMM, `wna16_gemm_tiled`; omitted keys keep its defaults), "w4a16-mma" (the tensor-core
     kernel at any M), "fp8-triton" (the split-K Triton W8A8 kernel); "fp8-triton:gemv,bn=16,
     bk=256,warps=4,waves=4" / "int8:mma,split=8" (W8A8 through one path with its config);
+    "bf16-triton[:bn=16,bk=256,warps=4,stages=3,waves=8]" (the 16-bit GEMV, `gemv16`, M ≤ 2);
     "nvfp4" (the weight-only FP4 kernel, `fp4_gemm`, on its default path), "nvfp4:gemv,bn=16,
     bk=256,warps=4,stages=1,waves=4,split=0" / "nvfp4:mma,bm=128,bn=128,bk=64,warps=8,stages=3,
     group_m=8,swap=1" (one path with its config)."""
     base, path, over = _probe(scheme)
+    if base == "bf16-triton":  # the 16-bit Triton GEMV, "bf16-triton:bn=16,bk=256,stages=3,…"
+        from lowbit.kernels.triton.w8a8_gemv import gemv16
+
+        return gemv16(x, w["w"], config=over)
     if base == "nvfp4":
         from lowbit.kernels.triton.fp4_gemm import fp4_gemm
 

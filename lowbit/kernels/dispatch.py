@@ -69,6 +69,29 @@ def _reference(name: str):
     return getattr(ref, name)
 
 
+# ---- unquantized ----
+
+# Up to this many rows bf16/fp16 linears take the Triton GEMV (`triton/w8a8_gemv.gemv16`, PDL
+# launches) instead of cuBLAS; 0 turns it off.
+GEMV16_MAX_M = 1
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight^T (+ bias) for a full-precision weight (N, K): F.linear, or the Triton GEMV
+    for up to GEMV16_MAX_M rows of bf16/fp16 on CUDA."""
+    M = x.numel() // x.shape[-1]
+    if (
+        0 < M <= GEMV16_MAX_M
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and weight.dtype == x.dtype
+        and weight.stride(-1) == 1
+        and use_triton(x.device)
+    ):
+        y = _triton("w8a8_gemv", "gemv16")(x.reshape(M, -1).contiguous(), weight, bias)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
+    return _reference("linear")(x, weight, bias)
+
+
 # ---- weight-only int4 / int8 ----
 
 # Up to this many rows W4A16/W8A16 takes the CUDA-core GEMV (one FFMA per weight per row);

@@ -36,6 +36,11 @@ def _finish(y: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
 # ---- weight-only int (canonical wNa16 layout, see lowbit/quant/schemes/wna16.py) ----
 
 
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ weight^T (+ bias) for a full-precision weight."""
+    return F.linear(x, weight, bias)
+
+
 def dequant_wna16(
     qweight: Tensor, scales: Tensor, qzeros: Tensor | None, group_size: int, bits: int
 ) -> Tensor:

@@ -104,12 +104,17 @@ def test_wna16_gemv_graph_replay_equals_eager(dev, sym):
 
 
 def test_wna16_gemv_pipelined_default(dev):
-    """A weight past PIPELINED_MIN_NK at M = 1 takes the pipelined config by default."""
+    """Int4 at M = 1 takes the pipelined config by default, with fewer splits (4 waves) for
+    weights up to FEW_WAVES_MAX_NK values than above; M = 2 and int8 keep the plain config."""
     from lowbit.kernels.triton import wna16_gemv as mod
 
     K, N = 4096, 6144
-    assert N * K >= mod.PIPELINED_MIN_NK
+    assert N * K <= mod.FEW_WAVES_MAX_NK < 28672 * 4096
     assert mod._config(1, N, K, 128, 8)[5:] == (2, 1)  # stages, unroll
+    assert mod._config(2, N, K, 128, 8)[5:] == (1, 0)
+    assert mod._config(1, N, K, 128, 4)[5:] == (1, 0)
+    # chunks a split: twice as many as with 8 waves (half the splits)
+    assert mod._config(1, N, K, 128, 8)[3] == 2 * mod._config(1, N, K, 128, 8, waves=8)[3]
     qweight, scales, qzeros, deq, x, _ = _problem(1, 4, 128, False, K, N, 5)
     y = dispatch.wna16_gemm(x.to(dev, ACT_DTYPE), qweight.to(dev), scales.to(dev, ACT_DTYPE),
                             qzeros.to(dev), 128, 4)  # fmt: skip

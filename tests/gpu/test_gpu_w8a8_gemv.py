@@ -90,3 +90,46 @@ def test_dispatch_takes_gemv_for_large_m1(dev, dtype):
     y = dispatch.int8_gemm(*args) if dtype == torch.int8 else dispatch.fp8_scaled_mm(*args)
     ref = x.double() @ (wq.double() * ws.double()[:, None]).t()
     assert rel_err(y, ref) < 4e-2
+
+
+@pytest.mark.parametrize("M", [1, 2])
+@pytest.mark.parametrize("N,K", [(144, 272), (4104, 2048), (40, 4096 + 64)])
+@pytest.mark.parametrize("config", [None, {"bn": 8, "bk": 64, "waves": 16, "stages": 1}])
+def test_gemv16(dev, M, N, K, config):
+    """The unscaled 16-bit GEMV (bf16, or fp16 under the interpreter) against float64, with bias,
+    partial row tiles and K not a multiple of the tile."""
+    from lowbit.kernels.triton.w8a8_gemv import gemv16
+
+    gen = torch.Generator().manual_seed(M * N + K)
+    x = torch.randn(M, K, generator=gen).to(ACT_DTYPE)
+    w = (torch.randn(N, K, generator=gen) * 0.05).to(ACT_DTYPE)
+    bias = torch.randn(N, generator=gen).to(ACT_DTYPE)
+    y = gemv16(x.to(dev), w.to(dev), bias.to(dev), config=config)
+    ref = x.double() @ w.double().t() + bias.double()
+    # exact 16-bit operands, fp32 sums: only the output's rounding (bf16 ≈ 4e-3)
+    assert y.shape == (M, N) and y.dtype == ACT_DTYPE and rel_err(y, ref) < 8e-3
+    no_bias = gemv16(x.to(dev), w.to(dev), config=config)
+    assert rel_err(no_bias, x.double() @ w.double().t()) < 8e-3
+
+
+def test_dense_linear_dispatch(dev, monkeypatch):
+    """dispatch.linear: the GEMV up to GEMV16_MAX_M rows (leading dims kept), F.linear above,
+    and the two agree to bf16 rounding; a CUDA-graph replay of the GEMV equals the eager call."""
+    monkeypatch.setattr(dispatch, "GEMV16_MAX_M", 1)
+    gen = torch.Generator().manual_seed(5)
+    w = (torch.randn(272, 1040, generator=gen) * 0.05).to(dev, ACT_DTYPE)
+    x = torch.randn(3, 1040, generator=gen).to(dev, ACT_DTYPE)
+    one = dispatch.linear(x[:1].reshape(1, 1, -1), w)
+    assert one.shape == (1, 1, 272)
+    ref = x.double() @ w.double().t()
+    assert rel_err(one.reshape(1, -1), ref[:1]) < 8e-3
+    assert rel_err(dispatch.linear(x, w), ref) < 8e-3  # M = 3 → F.linear
+    if dev.type == "cuda":
+        static = x[:1].clone()
+        dispatch.linear(static, w)  # compile outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = dispatch.linear(static, w)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, dispatch.linear(static, w))

@@ -1,4 +1,5 @@
-"""Small-M W8A8 (FP8 e4m3 or INT8) GEMV on the CUDA cores: split-K, dequant in the epilogue.
+"""Small-M W8A8 (FP8 e4m3 or INT8) GEMV on the CUDA cores: split-K, dequant in the epilogue;
+the same kernel without scales is the 16-bit GEMV (`gemv16`, bf16/fp16 weights and x).
 
 y[m, n] = (Σ_k xq[m, k] · wq[n, k]) · xs[m] · ws[n] (+ bias[n]), for M ≤ MAX_M rows of
 already-quantized activations (the caller's per-token `act_quant`, or a static scale). The
@@ -52,7 +53,8 @@ def _config(
 def _w8a8_gemv_kernel(
     x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, M, N, K,
     stride_xm, stride_wn, stride_xsm, stride_os, stride_om,
-    IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    IS_INT: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
     PDL: tl.constexpr,
 ):  # fmt: skip
@@ -85,9 +87,10 @@ def _w8a8_gemv_kernel(
             x = tl.where(m_mask[:, None] & k_mask[None, :], x.to(acc_t), 0)
         acc += w.to(acc_t)[None, :, :] * x.to(acc_t)[:, None, :]
     y = tl.sum(acc, axis=2).to(tl.float32)  # (BM, BN)
-    xs = tl.load(xs_ptr + rm * stride_xsm, mask=m_mask, other=0.0)
-    ws = tl.load(ws_ptr + rn, mask=n_mask, other=0.0)
-    y = y * xs[:, None] * ws[None, :]
+    if SCALED:
+        xs = tl.load(xs_ptr + rm * stride_xsm, mask=m_mask, other=0.0)
+        ws = tl.load(ws_ptr + rn, mask=n_mask, other=0.0)
+        y = y * xs[:, None] * ws[None, :]
     if HAS_BIAS:
         y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
@@ -111,20 +114,45 @@ def w8a8_gemv(
     ws      (N,)    float32 per-output-channel weight scales (expanded when per tensor)
     config  keyword overrides of `_config` (bn, bk, warps, stages, waves): tuning
     """
+    return _gemv(
+        xq, xs, weight, ws, bias, out_dtype, _config(*xq.shape, weight.shape[0], **(config or {}))
+    )
+
+
+# bf16/fp16 weights: 256 values (512 bytes) a row per tile, 8 waves, loads 3 deep (tuning probes
+# of benchmarks/bench_gemm.py, "bf16-triton:…").
+GEMV16_DEFAULTS = {"bn": 16, "bk": 256, "warps": 4, "stages": 3, "waves": 8}
+
+
+def gemv16(x: Tensor, weight: Tensor, bias: Tensor | None = None, config: dict | None = None):
+    """(M, N) = x @ weight^T (+ bias) for M ≤ MAX_M rows of bf16/fp16 x and a weight of the same
+    dtype (N, K), unit column stride: the GEMV above with fp32 products and no scales."""
+    assert x.dtype in (torch.bfloat16, torch.float16), x.dtype
+    cfg = {**GEMV16_DEFAULTS, **(config or {})}
+    return _gemv(x, None, weight, None, bias, x.dtype, _config(*x.shape, weight.shape[0], **cfg))
+
+
+def _gemv(xq, xs, weight, ws, bias, out_dtype, cfg) -> Tensor:
+    """Launch the GEMV (`xs`, `ws` None: unscaled)."""
     M, K = xq.shape
     N = weight.shape[0]
-    assert 0 < M <= MAX_M, f"M={M}: w8a8_gemv is the small-M path (M ≤ {MAX_M})"
+    assert 0 < M <= MAX_M, f"M={M}: the GEMV is the small-M path (M ≤ {MAX_M})"
     assert weight.dtype == xq.dtype and weight.stride(-1) == 1 and xq.stride(-1) == 1
-    bn, bk, per_split, warps, stages = _config(M, N, K, **(config or {}))
+    assert weight.shape[1] == K, (weight.shape, xq.shape)
+    bn, bk, per_split, warps, stages = cfg
     split = triton.cdiv(triton.cdiv(K, bk), per_split)
     even = N % bn == 0 and K == split * per_split * bk
     out = splitk_buffer(split, M, N, out_dtype, xq.device)
     has_bias = bias is not None and split == 1
+    scaled = xs is not None
+    dummy = out  # never read when the flag that needs it is off
     _w8a8_gemv_kernel[(triton.cdiv(N, bn), split)](
-        xq, weight, xs, ws, bias if has_bias else ws, out, M, N, K,
-        xq.stride(0), weight.stride(0), xs.stride(0), out.stride(0), out.stride(1),
-        IS_INT=xq.dtype == torch.int8, HAS_BIAS=has_bias, BLOCK_M=triton.next_power_of_2(M),
-        BLOCK_N=bn, BLOCK_K=bk, PER_SPLIT=per_split, EVEN=even, STAGES=stages,
+        xq, weight, xs if scaled else dummy, ws if scaled else dummy,
+        bias if has_bias else dummy, out, M, N, K,
+        xq.stride(0), weight.stride(0), xs.stride(0) if scaled else 0, out.stride(0), out.stride(1),
+        IS_INT=xq.dtype == torch.int8, SCALED=scaled, HAS_BIAS=has_bias,
+        BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, PER_SPLIT=per_split,
+        EVEN=even, STAGES=stages,
         **pdl(out.device), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return splitk_finish(out, bias, out_dtype)

@@ -33,10 +33,11 @@ NUM_SMS = 132
 MAX_M = 4  # largest M accepted (one FFMA per weight per row); dispatch uses it up to M = 2
 
 
-# At M = 1 weights of at least this many values take the pipelined config (64-row chunks,
-# tiles unrolled, loads two chunks deep): H100, run 6 of benchmarks/RESULTS.md — qkv 1.09 →
-# 1.20×, gate_up 1.78 → 2.29×, down 1.29 → 1.53× bf16; o_proj (4096²) lost (0.98 → 0.80×).
-PIPELINED_MIN_NK = 20 * 2**20
+# At M = 1 int4 weights take the pipelined config (64-row chunks, tiles unrolled, loads two
+# chunks deep), with 4 waves of programs below FEW_WAVES_MAX_NK values and 8 above: H100, run 7
+# of benchmarks/RESULTS.md (after the one-LOP3 decode) — qkv 16.3 → 15.0 µs, o 16.5 → 14.2,
+# down 28.6 → 26.8 with 4 waves; gate_up 33.7 µs with 8 (44.9 with 4).
+FEW_WAVES_MAX_NK = 64 * 2**20
 
 
 def _config(M: int, N: int, K: int, G: int, P: int, **over) -> tuple[int, ...]:
@@ -51,8 +52,8 @@ def _config(M: int, N: int, K: int, G: int, P: int, **over) -> tuple[int, ...]:
     """
     c = {"block_w": 32 if M <= 2 else 64, "block_k": 32, "chunk": 128, "warps": 1, "waves": 8,
          "stages": 1, "unroll": 0}  # fmt: skip
-    if M == 1 and P == 8 and N * K >= PIPELINED_MIN_NK:  # measured for int4 only
-        c.update(chunk=64, stages=2, unroll=1)
+    if M == 1 and P == 8:  # measured for int4 only
+        c.update(chunk=64, stages=2, unroll=1, waves=4 if N * K <= FEW_WAVES_MAX_NK else 8)
     if set(over) - set(c):
         raise ValueError(f"unknown GEMV config keys {sorted(set(over) - set(c))}; use {list(c)}")
     c.update(over)

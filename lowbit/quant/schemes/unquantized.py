@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from lowbit.kernels import dispatch
 
 
 class UnquantizedScheme:
@@ -19,9 +20,9 @@ class UnquantizedScheme:
         """Nothing to repack."""
 
     def apply(self, layer, x: Tensor, bias: Tensor | None) -> Tensor:
-        """A dense matmul."""
-        return F.linear(x, layer.weight, bias)
+        """A dense matmul (`dispatch.linear`: cuBLAS, or the Triton GEMV for a decode row)."""
+        return dispatch.linear(x, layer.weight, bias)
 
     def describe(self) -> str:
         """Scheme and kernel for `lowbit inspect`."""
-        return "unquantized → torch F.linear"
+        return "unquantized → dispatch.linear (torch F.linear; Triton GEMV at M ≤ GEMV16_MAX_M)"
