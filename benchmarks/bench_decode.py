@@ -9,8 +9,9 @@ eager (same config, random bf16 weights, sdpa, DynamicCache), and torchao int4wo
 static cache under torch.compile (batch sizes --torchao-batches; skipped when torchao is not
 installed — carry its wheel to the lent machine).
 
-Variant names: `<scheme>[+eager][+nopdl]`; `+nopdl` launches without programmatic dependent
-launch (lowbit.kernels.triton.common.PDL_ENABLED off, as LOWBIT_PDL=0 would); scheme `bf16`
+Variant names: `<scheme>[+eager][+nopdl][+cublas]`; `+nopdl` launches without programmatic
+dependent launch (lowbit.kernels.triton.common.PDL_ENABLED off, as LOWBIT_PDL=0 would),
+`+cublas` keeps unquantized linears on cuBLAS at M = 1 (dispatch.GEMV16_MAX_M = 0); scheme `bf16`
 (unquantized) or one of benchlib.BENCH_SCHEMES, lowbit's own quantized plans over dummy
 weights (benchlib.bench_plan).
 RMSNorm, rotary and SwiGLU run the fused Triton kernels in every variant (the layers call them
@@ -61,17 +62,21 @@ def _time_steps(runner, tok, lens: list[int], tables: list[list[int]], steps: in
 
 def lowbit_decode(model_dir: Path, variant: str, batches: list[int], prompt: int, steps: int):
     """tok/s per batch size for one lowbit variant."""
+    from lowbit.kernels import dispatch
     from lowbit.kernels.triton import common
 
+    overrides = {"nopdl": (common, "PDL_ENABLED", False), "cublas": (dispatch, "GEMV16_MAX_M", 0)}
     scheme, *flags = variant.split("+")
-    if set(flags) - {"eager", "nopdl"}:
-        raise ValueError(f"variant {variant!r}: the flags are +eager and +nopdl")
-    pdl_was = common.PDL_ENABLED
-    common.PDL_ENABLED = pdl_was and "nopdl" not in flags
+    if set(flags) - {"eager", *overrides}:
+        raise ValueError(f"variant {variant!r}: the flags are +eager, +nopdl and +cublas")
+    saved = {f: getattr(*overrides[f][:2]) for f in flags if f in overrides}
     try:
+        for f in saved:
+            setattr(*overrides[f])
         return _lowbit_decode(model_dir, scheme, variant, flags, batches, prompt, steps)
     finally:
-        common.PDL_ENABLED = pdl_was
+        for f, value in saved.items():
+            setattr(*overrides[f][:2], value)
 
 
 def _lowbit_decode(model_dir, scheme, variant, flags, batches, prompt, steps):
