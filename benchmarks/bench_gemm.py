@@ -23,6 +23,7 @@ from triton.testing import do_bench
 from lowbit.kernels import dispatch
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
+EXTRA_SHAPES = {"lm_head": (128256, 4096)}  # only when named in --shapes
 ROTATE_BYTES = 256 << 20  # > 5× the H100's 50 MB L2
 
 
@@ -206,12 +207,14 @@ def main() -> None:
         default="bf16,w4a16,w8a16,fp8-row,fp8-cublas,fp8-triton,fp8-tensor,fp8-block,int8",
         help="comma-separated; use ';' instead when a probe has commas",
     )
+    ap.add_argument("--shapes", default=",".join(SHAPES), help=f"of {[*SHAPES, *EXTRA_SHAPES]}")
     ap.add_argument("--out", type=Path, default=None, help="also copy the JSON here")
     args = ap.parse_args()
     ms = [int(m) for m in args.ms.split(",")]
     schemes = args.schemes.split(";" if ";" in args.schemes else ",")
     rows, env = [], environment()
-    for name, (N, K) in SHAPES.items():
+    for name in args.shapes.split(","):
+        N, K = {**SHAPES, **EXTRA_SHAPES}[name]
         for M in ms:
             base = None
             for scheme in schemes:

@@ -133,3 +133,17 @@ def test_dense_linear_dispatch(dev, monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, dispatch.linear(static, w))
+
+
+def test_gemv_config_gets_m_n_k(dev, monkeypatch):
+    """Both entry points size their splits from (M, N, K) in that order."""
+    from lowbit.kernels.triton import w8a8_gemv as mod
+
+    seen = []
+    real = mod._config
+    monkeypatch.setattr(mod, "_config", lambda *a, **kw: seen.append(a[:3]) or real(*a, **kw))
+    x, wq, ws, _ = _operands(1, 40, 272, torch.int8, 1)
+    xq, xs = dispatch.act_quant(x.to(dev, ACT_DTYPE), torch.int8)
+    mod.w8a8_gemv(xq, xs, wq.to(dev), ws.to(dev), None, ACT_DTYPE)
+    mod.gemv16(x.to(dev, ACT_DTYPE), x.new_ones(40, 272).to(dev, ACT_DTYPE))
+    assert seen == [(1, 40, 272), (1, 40, 272)]

@@ -114,9 +114,8 @@ def w8a8_gemv(
     ws      (N,)    float32 per-output-channel weight scales (expanded when per tensor)
     config  keyword overrides of `_config` (bn, bk, warps, stages, waves): tuning
     """
-    return _gemv(
-        xq, xs, weight, ws, bias, out_dtype, _config(*xq.shape, weight.shape[0], **(config or {}))
-    )
+    cfg = _config(xq.shape[0], weight.shape[0], xq.shape[1], **(config or {}))
+    return _gemv(xq, xs, weight, ws, bias, out_dtype, cfg)
 
 
 # bf16/fp16 weights: 256 values (512 bytes) a row per tile, 8 waves, loads 3 deep (tuning probes
@@ -129,7 +128,8 @@ def gemv16(x: Tensor, weight: Tensor, bias: Tensor | None = None, config: dict |
     dtype (N, K), unit column stride: the GEMV above with fp32 products and no scales."""
     assert x.dtype in (torch.bfloat16, torch.float16), x.dtype
     cfg = {**GEMV16_DEFAULTS, **(config or {})}
-    return _gemv(x, None, weight, None, bias, x.dtype, _config(*x.shape, weight.shape[0], **cfg))
+    cfg = _config(x.shape[0], weight.shape[0], x.shape[1], **cfg)
+    return _gemv(x, None, weight, None, bias, x.dtype, cfg)
 
 
 def _gemv(xq, xs, weight, ws, bias, out_dtype, cfg) -> Tensor:
