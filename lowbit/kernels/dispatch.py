@@ -72,7 +72,8 @@ def _reference(name: str):
 # ---- unquantized ----
 
 # Up to this many rows bf16/fp16 linears take the Triton GEMV (`triton/w8a8_gemv.gemv16`, PDL
-# launches) instead of cuBLAS; 0 turns it off.
+# launches) instead of cuBLAS; 0 turns it off. H100, run 8: 1.0-1.1x cuBLAS on every Llama-3-8B
+# linear and the lm_head at M = 1; bf16 batch-1 decode 161 → 166 tok/s (before its final config).
 GEMV16_MAX_M = 1
 
 

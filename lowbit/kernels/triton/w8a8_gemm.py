@@ -18,18 +18,16 @@ from lowbit.kernels.triton.common import pdl, pdl_enter
 from lowbit.kernels.triton.w8a8_gemv import w8a8_gemv
 
 NUM_SMS = 132
-# At M = 1 the CUDA-core GEMV (w8a8_gemv.py, `GEMV_CONFIG`) replaces the MMA kernel for
-# weights of ≥ GEMV_MIN_NK values with K ≤ GEMV_MAX_K. H100, run 6 of benchmarks/RESULTS.md
-# (FP8, µs): qkv 18.2 → 17.3, gate_up 55.7 → 50.9; down (K = 14336) and o_proj (4096²) were
-# no faster on the GEMV's config and stay on the MMA kernel.
-GEMV_MIN_NK = 20 * 2**20
-GEMV_MAX_K = 8192
-GEMV_CONFIG = {"waves": 8, "stages": 3}
+# At M = 1 the CUDA-core GEMV (w8a8_gemv.py, `GEMV_CONFIG`: 8-row blocks, 512-wide K tiles,
+# loads 3 deep) replaces the MMA kernel. H100, run 8 of benchmarks/RESULTS.md (FP8, µs, act
+# quant included): qkv 15.7 → 13.2, o 14.0 → 10.0, gate_up 50.1 → 48.3, down 32.7 → 27.1 over
+# the previous routing (GEMV with 16-row blocks on qkv/gate_up, the MMA kernel on o/down).
+GEMV_CONFIG = {"bn": 8, "bk": 512, "stages": 3, "waves": 8}
 
 
 def _gemv_path(M: int, N: int, K: int) -> bool:
     """Whether dispatch's default for this shape is the CUDA-core GEMV."""
-    return M == 1 and N * K >= GEMV_MIN_NK and K <= GEMV_MAX_K
+    return M == 1
 
 
 def _config(M: int, N: int, K: int, **over) -> tuple[int, int, int, int, int, int]:
