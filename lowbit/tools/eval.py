@@ -74,12 +74,12 @@ def _hooked(layers: nn.ModuleList, sink: list[Tensor]) -> list:
 
 
 def engine_scorer(engine) -> Scorer:
-    """Scorer over a `lowbit.Engine` (hooks on its model's decoder layers)."""
-    layers = _decoder_layers(engine.runner.model)
+    """Scorer over a `lowbit.Engine` (hooks on its model's decoder layers). It holds the engine,
+    not the layers, so `engine.shutdown()` frees the model while the scorer still exists."""
 
     def score(ids: list[int]) -> tuple[Tensor, list[Tensor]]:
         sink: list[Tensor] = []
-        handles = _hooked(layers, sink)
+        handles = _hooked(_decoder_layers(engine.runner.model), sink)
         try:
             logits = engine.logits([ids])[0]  # (T, V)
         finally:

@@ -85,15 +85,20 @@ def test_eval_bad_data(tiny_llama, tmp_path, capsys):
 
 
 def test_models_are_scored_one_at_a_time(tiny_llama, monkeypatch):
-    """Each scoring engine holds one window's KV cache, and the first is shut down before the
-    second loads (two serving-sized engines cannot share one GPU)."""
+    """Each scoring engine holds one window's KV cache, and the first is shut down — its model
+    layers freed, not held by a scorer — before the second loads (two serving-sized engines cannot
+    share one GPU)."""
+    import weakref
+
     import lowbit.tools.eval as ev
 
-    live, peak, made = [], [], []
+    live, peak, made, models = [], [], [], []
     real = ev.scoring_engine
 
     def tracked(*a, **kw):
+        assert all(m() is None for m in models), "an earlier model is still alive"
         engine = real(*a, **kw)
+        models.append(weakref.ref(ev._decoder_layers(engine.runner.model)[0]))
         made.append(engine)
         live.append(engine)
         peak.append(len(live))
