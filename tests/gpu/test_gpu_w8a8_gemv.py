@@ -84,8 +84,7 @@ def test_dispatch_takes_gemv_for_large_m1(dev, dtype):
     from lowbit.kernels.triton import w8a8_gemm as mod
 
     N, K = 6144, 4096
-    assert mod._gemv_path(1, N, K) and not mod._gemv_path(2, N, K)
-    assert mod._gemv_path(1, 4096, 14336) and mod.GEMV_CONFIG["bn"] == 8
+    assert mod._gemv_path(1) and not mod._gemv_path(2) and mod.GEMV_CONFIG["bn"] == 8
     x, wq, ws, _ = _operands(1, N, K, dtype, 9)
     args = (x.to(dev, ACT_DTYPE), wq.to(dev), ws.to(dev))
     y = dispatch.int8_gemm(*args) if dtype == torch.int8 else dispatch.fp8_scaled_mm(*args)
@@ -116,7 +115,12 @@ def test_gemv16(dev, M, N, K, config):
 def test_dense_linear_dispatch(dev, monkeypatch):
     """dispatch.linear: the GEMV up to GEMV16_MAX_M rows (leading dims kept), F.linear above,
     and the two agree to bf16 rounding; a CUDA-graph replay of the GEMV equals the eager call."""
+    from lowbit.kernels.triton import w8a8_gemv as mod
+
     monkeypatch.setattr(dispatch, "GEMV16_MAX_M", 1)
+    calls = []
+    real = mod.gemv16
+    monkeypatch.setattr(mod, "gemv16", lambda *a: calls.append(a[0].shape) or real(*a))
     gen = torch.Generator().manual_seed(5)
     w = (torch.randn(272, 1040, generator=gen) * 0.05).to(dev, ACT_DTYPE)
     x = torch.randn(3, 1040, generator=gen).to(dev, ACT_DTYPE)
@@ -125,6 +129,7 @@ def test_dense_linear_dispatch(dev, monkeypatch):
     ref = x.double() @ w.double().t()
     assert rel_err(one.reshape(1, -1), ref[:1]) < 8e-3
     assert rel_err(dispatch.linear(x, w), ref) < 8e-3  # M = 3 → F.linear
+    assert calls == [(1, 1040)]
     if dev.type == "cuda":
         static = x[:1].clone()
         dispatch.linear(static, w)  # compile outside the capture

@@ -3,13 +3,14 @@ the grouped ordering of output tiles."""
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from lowbit.kernels.dispatch import capability
 
 REDUCE_BLOCK = 1024
 # Inline PTX where the compiler's own lowering is slower; Triton's interpreter (CPU debugging,
@@ -23,11 +24,6 @@ USE_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 PDL_ENABLED = os.environ.get("LOWBIT_PDL", "1") != "0"
 
 
-@functools.cache
-def _pdl_capable(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (9, 0)
-
-
 def pdl(device: torch.device) -> dict[str, bool]:
     """Launch keywords of a kernel that starts with `pdl_enter(PDL)`: its PDL flag and Triton's
     `launch_pdl` option, both on for CUDA devices of compute capability ≥ 9.0 (sm_90's
@@ -36,7 +32,8 @@ def pdl(device: torch.device) -> dict[str, bool]:
         PDL_ENABLED
         and USE_PTX.value
         and device.type == "cuda"
-        and _pdl_capable(device.index if device.index is not None else torch.cuda.current_device())
+        and capability(torch.cuda.current_device() if device.index is None else device.index)
+        >= (9, 0)
     )
     return {"PDL": on, "launch_pdl": on}
 

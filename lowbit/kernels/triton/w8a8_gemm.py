@@ -25,7 +25,7 @@ NUM_SMS = 132
 GEMV_CONFIG = {"bn": 8, "bk": 512, "stages": 3, "waves": 8}
 
 
-def _gemv_path(M: int, N: int, K: int) -> bool:
+def _gemv_path(M: int) -> bool:
     """Whether dispatch's default for this shape is the CUDA-core GEMV."""
     return M == 1
 
@@ -133,7 +133,7 @@ def w8a8_gemm(
         xs = s.expand(M, 1)
     over = dict(config or {})
     path = over.pop("path", None)
-    if path is None and _gemv_path(M, N, K):
+    if path is None and _gemv_path(M):
         path, over = "gemv", GEMV_CONFIG
     if path == "gemv":
         return w8a8_gemv(xq, xs, weight, ws, bias, x.dtype, over).reshape(*lead, N)

@@ -34,7 +34,7 @@ MAX_M = 4  # largest M accepted (one FFMA per weight per row); dispatch uses it 
 
 
 # At M = 1 int4 weights take the pipelined config (64-row chunks, tiles unrolled, loads two
-# chunks deep), with 4 waves of programs below FEW_WAVES_MAX_NK values and 8 above: H100, run 7
+# chunks deep), with 4 waves of programs up to FEW_WAVES_MAX_NK values and 8 above: H100, run 8
 # of benchmarks/RESULTS.md (after the one-LOP3 decode) — qkv 16.3 → 15.0 µs, o 16.5 → 14.2,
 # down 28.6 → 26.8 with 4 waves; gate_up 33.7 µs with 8 (44.9 with 4).
 FEW_WAVES_MAX_NK = 64 * 2**20
