@@ -9,9 +9,12 @@ eager (same config, random bf16 weights, sdpa, DynamicCache), and torchao int4wo
 static cache under torch.compile (batch sizes --torchao-batches; skipped when torchao is not
 installed — carry its wheel to the lent machine).
 
-Variant names: `<scheme>[+eager][+nopdl][+cublas]`; `+nopdl` launches without programmatic
-dependent launch (lowbit.kernels.triton.common.PDL_ENABLED off, as LOWBIT_PDL=0 would),
-`+cublas` keeps unquantized linears on cuBLAS at M = 1 (dispatch.GEMV16_MAX_M = 0); scheme `bf16`
+Variant names: `<scheme>[+eager][+nopdl][+cublas][+noprefetch][+twolaunch]`; `+nopdl` launches
+without programmatic dependent launch (lowbit.kernels.triton.common.PDL_ENABLED off, as
+LOWBIT_PDL=0 would), `+cublas` keeps unquantized linears on cuBLAS at M = 1
+(dispatch.GEMV16_MAX_M = 0), `+noprefetch` turns off the GEMVs' early L2 prefetch of weights
+(LOWBIT_PREFETCH=0), `+twolaunch` sums split-K partials in a second launch instead of in the
+GEMV (LOWBIT_FUSED_SPLITK=0); scheme `bf16`
 (unquantized) or one of benchlib.BENCH_SCHEMES, lowbit's own quantized plans over dummy
 weights (benchlib.bench_plan).
 RMSNorm, rotary and SwiGLU run the fused Triton kernels in every variant (the layers call them
@@ -21,6 +24,7 @@ since run 4; runs 1–3 had a `+fused` flag that patched them in).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import tempfile
 import time
@@ -60,63 +64,86 @@ def _time_steps(runner, tok, lens: list[int], tables: list[list[int]], steps: in
     return time.perf_counter() - t0
 
 
-def lowbit_decode(model_dir: Path, variant: str, batches: list[int], prompt: int, steps: int):
-    """tok/s per batch size for one lowbit variant."""
+@contextlib.contextmanager
+def lowbit_decode_flags(variant: str):
+    """Apply a variant's `+nopdl` / `+cublas` flags for the block: yields (scheme, flags)."""
     from lowbit.kernels import dispatch
     from lowbit.kernels.triton import common
 
-    overrides = {"nopdl": (common, "PDL_ENABLED", False), "cublas": (dispatch, "GEMV16_MAX_M", 0)}
+    overrides = {
+        "nopdl": (common, "PDL_ENABLED", False),
+        "cublas": (dispatch, "GEMV16_MAX_M", 0),
+        "noprefetch": (common, "PREFETCH_ENABLED", False),
+        "twolaunch": (common, "FUSED_SPLITK", False),
+    }
     scheme, *flags = variant.split("+")
     if set(flags) - {"eager", *overrides}:
-        raise ValueError(f"variant {variant!r}: the flags are +eager, +nopdl and +cublas")
+        raise ValueError(f"variant {variant!r}: the flags are {['eager', *overrides]}")
     saved = {f: getattr(*overrides[f][:2]) for f in flags if f in overrides}
     try:
         for f in saved:
             setattr(*overrides[f])
-        return _lowbit_decode(model_dir, scheme, variant, flags, batches, prompt, steps)
+        yield scheme, flags
     finally:
         for f, value in saved.items():
             setattr(*overrides[f][:2], value)
 
 
-def _lowbit_decode(model_dir, scheme, variant, flags, batches, prompt, steps):
+def lowbit_decode(model_dir: Path, variant: str, batches: list[int], prompt: int, steps: int):
+    """tok/s per batch size for one lowbit variant."""
+    with lowbit_decode_flags(variant) as (scheme, flags):
+        return _lowbit_decode(model_dir, scheme, variant, flags, batches, prompt, steps)
+
+
+def make_runner(model_dir: Path, scheme: str, flags, max_b: int, ctx: int):
+    """(runner, setup seconds, blocks a sequence) of one lowbit variant, dummy weights."""
     from lowbit.engine.runner import ModelRunner
 
     cfg = ModelConfig.from_dir(model_dir)
     plan = QuantPlan() if scheme == "bf16" else bench_plan(scheme)
-    max_b = max(batches)
-    ctx = prompt + steps + 8
     blocks_per_seq = -(-ctx // 16)
     args = EngineArgs(
         model_path=str(model_dir), load_format="dummy", dtype="bfloat16", device="cuda",
         max_running_requests=max_b, max_total_tokens=max_b * blocks_per_seq * 16,
         disable_cuda_graph="eager" in flags,
     )  # fmt: skip
-    out = []
     with fast_dummy_weights():
         t0 = time.perf_counter()
         runner = ModelRunner(args, cfg, plan, model_dir)
-        setup_s = time.perf_counter() - t0
-        for B in batches:
-            tables = [list(range(b * blocks_per_seq, (b + 1) * blocks_per_seq)) for b in range(B)]
-            ids = torch.randint(3, cfg.vocab_size, (B, prompt), device="cuda")
-            chunk = max(1, 8192 // prompt)  # prefill at most ~8k tokens a forward
-            nxt = []
-            for s in range(0, B, chunk):
-                n = min(chunk, B - s)
-                logits = runner.forward(
-                    ids[s : s + n].reshape(-1), [prompt] * n, [prompt] * n, tables[s : s + n],
-                    logits_at=[(i + 1) * prompt - 1 for i in range(n)],
-                )  # fmt: skip
-                nxt.append(logits.argmax(-1))
-            tok = torch.cat(nxt)
-            dt = _time_steps(runner, tok, [prompt] * B, tables, steps)
-            out.append({
-                "engine": "lowbit", "variant": variant, "batch": B, "tok_s": B * steps / dt,
-                "ms_per_step": 1e3 * dt / steps, "setup_s": setup_s,
-                "graphs": bool(runner.graphs),
-            })  # fmt: skip
-            print(out[-1], flush=True)
+    return runner, time.perf_counter() - t0, blocks_per_seq
+
+
+def prefill(runner, B: int, prompt: int, blocks_per_seq: int):
+    """Prefill B random prompts (≤ ~8k tokens a forward): (next tokens, block tables)."""
+    vocab = runner.cfg.vocab_size
+    tables = [list(range(b * blocks_per_seq, (b + 1) * blocks_per_seq)) for b in range(B)]
+    ids = torch.randint(3, vocab, (B, prompt), device="cuda")
+    chunk = max(1, 8192 // prompt)
+    nxt = []
+    for s in range(0, B, chunk):
+        n = min(chunk, B - s)
+        logits = runner.forward(
+            ids[s : s + n].reshape(-1), [prompt] * n, [prompt] * n, tables[s : s + n],
+            logits_at=[(i + 1) * prompt - 1 for i in range(n)],
+        )  # fmt: skip
+        nxt.append(logits.argmax(-1))
+    return torch.cat(nxt), tables
+
+
+def _lowbit_decode(model_dir, scheme, variant, flags, batches, prompt, steps):
+    runner, setup_s, blocks_per_seq = make_runner(
+        model_dir, scheme, flags, max(batches), prompt + steps + 8
+    )
+    out = []
+    for B in batches:
+        tok, tables = prefill(runner, B, prompt, blocks_per_seq)
+        dt = _time_steps(runner, tok, [prompt] * B, tables, steps)
+        out.append({
+            "engine": "lowbit", "variant": variant, "batch": B, "tok_s": B * steps / dt,
+            "ms_per_step": 1e3 * dt / steps, "setup_s": setup_s,
+            "graphs": bool(runner.graphs),
+        })  # fmt: skip
+        print(out[-1], flush=True)
     del runner
     _free()
     return out

@@ -6,6 +6,8 @@ Packed int32 words are reinterpreted as unsigned before shifting (checkpoints st
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -144,9 +146,16 @@ def pack_int4_rows(q: Tensor) -> Tensor:
     return (u[0::2] | (u[1::2] << 4)).to(torch.uint8)
 
 
+@functools.cache
+def _table(values: tuple[float, ...], device: torch.device) -> Tensor:
+    """A float32 lookup table on `device`, built once (so the ops below copy nothing from the
+    host per call and are CUDA-graph safe after their first eager call)."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
 def e2m1_decode(codes: Tensor) -> Tensor:
     """4-bit e2m1 codes (bit 3 = sign) → float32."""
-    table = torch.tensor(E2M1_VALUES, device=codes.device)
+    table = _table(tuple(E2M1_VALUES), codes.device)
     c = codes.to(torch.int64)
     mag = table[c & 7]
     return torch.where(c >= 8, -mag, mag)
@@ -154,12 +163,12 @@ def e2m1_decode(codes: Tensor) -> Tensor:
 
 def e2m1_round(x: Tensor) -> Tensor:
     """Round float32 to the nearest e2m1 value (saturating at ±6, ties to the even code)."""
-    bounds = torch.tensor(_E2M1_BOUNDS, device=x.device)
+    bounds = _table(tuple(_E2M1_BOUNDS), x.device)
     a = x.abs()
     idx = torch.bucketize(a, bounds, right=False)  # ties fall to the lower code
     odd_tie = (idx < 7) & (a == bounds[idx.clamp(max=6)]) & (idx % 2 == 1)
     idx = idx + odd_tie.to(idx.dtype)
-    table = torch.tensor(E2M1_VALUES, device=x.device)
+    table = _table(tuple(E2M1_VALUES), x.device)
     return torch.copysign(table[idx], x)
 
 

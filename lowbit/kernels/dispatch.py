@@ -139,6 +139,37 @@ def wna16_gemm(
     return _reference("wna16_gemm")(x, qweight, scales, qzeros, group_size, bits, bias, perm)
 
 
+# ---- FP4 (NVFP4 / MXFP4) weights ----
+
+
+def fp4_gemm(
+    x: Tensor,
+    weight: Tensor,
+    block_scale: Tensor,
+    row_scale: Tensor | None,
+    group_size: int,
+    bias: Tensor | None = None,
+    mx: bool = False,
+    input_scale: Tensor | None = None,
+    divisor: bool = False,
+) -> Tensor:
+    """x @ dequant(W)^T for e2m1 weights (N, K/2) uint8 with block scales as stored (fp8 e4m3,
+    or uint8 e8m0 when `mx`) and an optional per-row multiplier; NVFP4 activations are
+    simulated first when `input_scale` is given. Triton (`triton/fp4_gemm.py`: codes decoded
+    in registers, bf16/fp16 MMA or a CUDA-core GEMV) for bf16/fp16 x on CUDA, else the
+    reference with float32 block scales."""
+    if use_triton(x.device) and x.dtype in (torch.float16, torch.bfloat16):
+        return _triton("fp4_gemm", "fp4_gemm")(
+            x, weight, block_scale, row_scale, group_size, bias, mx,
+            input_scale=input_scale, divisor=divisor,
+        )  # fmt: skip
+    codes = importlib.import_module("lowbit.kernels.codes")
+    bs = codes.e8m0_decode(block_scale) if mx else block_scale.float()
+    if row_scale is not None:
+        bs = bs * row_scale[:, None]
+    return _reference("fp4_gemm")(x, weight, bs, group_size, input_scale, bias, divisor=divisor)
+
+
 # ---- FP8 W8A8 ----
 
 

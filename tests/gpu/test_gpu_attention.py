@@ -40,9 +40,13 @@ def _tables(seq_lens, num_blocks, gen):
 
 
 @pytest.mark.parametrize("cache_dtype", [ACT_DTYPE, torch.float8_e4m3fn])
-@pytest.mark.parametrize("splits", [None, 1, 8])
-def test_decode_attention(dev, cache_dtype, splits):
-    """One query per sequence, lengths 1…300 (and 0 = padding row → zeros)."""
+@pytest.mark.parametrize("splits,fused", [(None, True), (1, True), (8, True), (8, False)])
+def test_decode_attention(dev, monkeypatch, cache_dtype, splits, fused):
+    """One query per sequence, lengths 1…300 (and 0 = padding row → zeros); split contexts
+    merged by the last split of each head group (fused) or by the merge kernel."""
+    from lowbit.kernels.triton import common
+
+    monkeypatch.setattr(common, "FUSED_SPLITK", fused)
     gen = torch.Generator().manual_seed(0)
     seq_lens = [1, 17, 128, 129, 300, 0]
     kc, vc = _cache(dev, 64, cache_dtype, gen)
@@ -57,6 +61,8 @@ def test_decode_attention(dev, cache_dtype, splits):
     assert out.shape == q.shape
     assert rel_err(out[:-1], ref[:-1]) < 1e-2
     assert torch.all(out[-1] == 0)
+    # the merge put every arrival counter back to zero (else the next call merges early)
+    assert all(int(c.abs().sum()) == 0 for c in common._COUNTERS.get(str(dev), []))
 
 
 @pytest.mark.parametrize("cache_dtype", [ACT_DTYPE, torch.float8_e5m2])

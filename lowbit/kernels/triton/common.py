@@ -60,6 +60,89 @@ def splitk_finish(out: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tenso
     return y
 
 
+# `prefetch_l2` of the first weight tiles before `pdl_enter` (LOWBIT_PREFETCH=0 turns it off;
+# benchmarks flip PREFETCH_ENABLED). Launchers pass `prefetch_tiles(n)` as the kernel's count.
+PREFETCH_ENABLED = os.environ.get("LOWBIT_PREFETCH", "1") != "0"
+
+
+def prefetch_tiles(n: int) -> int:
+    """`n`, or 0 when weight prefetching is off."""
+    return n if PREFETCH_ENABLED else 0
+
+
+# In-kernel split-K finish: the last program of a tile to arrive sums the tile's partials
+# (`splitk_last`), so a split GEMV is one launch instead of two. LOWBIT_FUSED_SPLITK=0 (or
+# FUSED_SPLITK = False) restores the separate reduce launch (`splitk_finish`).
+FUSED_SPLITK = os.environ.get("LOWBIT_FUSED_SPLITK", "1") != "0"
+_COUNTERS: dict[str, list[Tensor]] = {}
+MIN_COUNTERS = 1 << 16
+
+
+def splitk_counters(device: torch.device, tiles: int) -> Tensor | None:
+    """At least `tiles` int32 arrival counters for `splitk_last`, zero between launches (each
+    tile's last program puts its counter back), one set per device: kernels that use them must
+    not run concurrently on one device (lowbit runs its forward passes on one stream).
+
+    None when the fused finish is off, or when the counters would have to be allocated during
+    CUDA-graph capture (the caller then takes the two-launch path). Buffers are never freed:
+    captured graphs keep their addresses."""
+    if not FUSED_SPLITK:
+        return None
+    bufs = _COUNTERS.setdefault(str(device), [])
+    if not bufs or bufs[-1].numel() < tiles:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        bufs.append(torch.zeros(max(tiles, MIN_COUNTERS), dtype=torch.int32, device=device))
+    return bufs[-1]
+
+
+@triton.constexpr_function
+def _finish_cols(split_p2, rows, cols, warps):
+    """Columns the last program sums at a time: ≤ 32 partial values a thread in registers."""
+    c = cols
+    while c > 1 and split_p2 * rows * c > 32 * 32 * warps:
+        c //= 2
+    return c
+
+
+@triton.jit
+def splitk_last(part_ptr, out_ptr, bias_ptr, cnt_ptr, tile, M, N, row0, col0,
+                stride_ps, stride_pm, stride_om, SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, HAS_BIAS: tl.constexpr,
+                WARPS: tl.constexpr):  # fmt: skip
+    """The end of every program of a split-K kernel, after it stored its fp32 partial block
+    part[pid_k, row0 : row0 + BLOCK_M, col0 : col0 + BLOCK_N]: the program counts its arrival
+    at the tile's counter; the last of the SPLIT to arrive sums the tile's partials in split
+    order (deterministic), adds the bias, writes out[rows, cols] and puts the counter back to 0.
+
+    The counting is the semaphore pattern: a CTA barrier after the partial stores, then one
+    acq_rel atomic at GPU scope (release for this CTA's stores, acquire for the others'); the
+    partials are read at L2 (.cg), never from a stale L1 line."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    if arrived == SPLIT - 1:
+        SP: tl.constexpr = triton.next_power_of_2(SPLIT)
+        CB: tl.constexpr = _finish_cols(SP, BLOCK_M, BLOCK_N, WARPS)
+        rs = tl.arange(0, SP)
+        rm = row0 + tl.arange(0, BLOCK_M)
+        for c in tl.static_range(BLOCK_N // CB):
+            rn = col0 + c * CB + tl.arange(0, CB)
+            mn = (rm < M)[:, None] & (rn < N)[None, :]
+            ptrs = (
+                part_ptr
+                + rs[:, None, None] * stride_ps
+                + (rm[:, None] * stride_pm + rn[None, :])[None, :, :]
+            )
+            p = tl.load(ptrs, mask=(rs < SPLIT)[:, None, None] & mn[None, :, :], other=0.0,
+                        cache_modifier=".cg")  # fmt: skip
+            y = tl.sum(p, axis=0)
+            if HAS_BIAS:
+                y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+            o = out_ptr + rm[:, None] * stride_om + rn[None, :]
+            tl.store(o, y.to(out_ptr.dtype.element_ty), mask=mn)
+        tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
 @triton.jit
 def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, MN, N, SPLIT, stride_s,
                           HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
@@ -105,11 +188,25 @@ def and_or_f32(w, MASK: tl.constexpr, MAGIC: tl.constexpr):
 
 
 @triton.jit
+def prefetch_l2(ptrs):
+    """Start fetching the 128-byte lines at `ptrs` into L2 and go on (no registers wait for
+    them). Kernels issue it for the first tiles of their weights before `pdl_enter`: weights
+    never depend on the previous kernel, so their stream starts while that kernel still runs.
+    Nothing under the interpreter."""
+    if USE_PTX:
+        tl.inline_asm_elementwise(
+            "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
+            dtype=tl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+
+
+@triton.jit
 def pdl_enter(PDL: tl.constexpr):
-    """The first statement of every kernel launched with `pdl(...)` (nothing before it may read
-    or write memory): wait until the previous kernel in the stream has finished and its writes
-    are visible, then let the next kernel launch (it will wait here in turn), so at most two
-    kernels overlap. A no-op when PDL is off."""
+    """The first statement of every kernel launched with `pdl(...)` (before it a kernel may
+    only read memory no kernel writes, as `prefetch_l2` reads weights): wait until the previous
+    kernel in the stream has finished and its writes are visible, then let the next kernel
+    launch (it will wait here in turn), so at most two kernels overlap. A no-op when PDL is
+    off."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

@@ -13,7 +13,7 @@ Two paths, chosen by M (`config={"path": ...}` forces one):
   * "gemv" (M ≤ GEMV_MAX_M): split-K on the CUDA cores. A program owns BLOCK_N weight rows and a
     K range; each thread reads 16 contiguous bytes of a row per step and keeps an fp32
     (M, BLOCK_N, BLOCK_K) accumulator, reduced across lanes once at the end. Splits write fp32
-    partials that `common.splitk_finish` sums (+ bias), as in w8a8_gemv.py.
+    partials that the last program of a row block sums (+ bias), as in w8a8_gemv.py.
   * "mma" (larger M): one (BLOCK_M, BLOCK_N) output tile a program; each (BLOCK_N, BLOCK_K)
     weight tile is decoded and block-scaled per weight to x's dtype in registers and feeds one
     tl.dot with fp32 accumulation. e2m1 × e4m3 has ≤ 6 significant bits and fits bf16 and fp16
@@ -23,9 +23,8 @@ Two paths, chosen by M (`config={"path": ...}` forces one):
 Weight-only: NVFP4 W4A4 checkpoints (`input_scale` given) first pass x through the reference's
 own activation simulation (`reference.fake_quant_nvfp4_act`, float32), then run the same kernel
 (the GEMV reads that float32 x as is; the MMA path rounds it to x.dtype for the tensor cores).
-That routine is torch code outside this file and builds its e2m1 tables per call (host → device
-copies), so only the weight-only call is CUDA-graph safe; the kernels themselves never sync.
-Not on any dispatch path yet (not measured on a GPU); a tuning probe of benchmarks/bench_gemm.py.
+Both calls are CUDA-graph safe (the routine's e2m1 tables are cached per device). NVFP4 and
+MXFP4 linears reach this through `dispatch.fp4_gemm` on CUDA.
 """
 
 from __future__ import annotations
@@ -36,7 +35,15 @@ import triton.language as tl
 from torch import Tensor
 
 from lowbit.kernels import reference
-from lowbit.kernels.triton.common import grouped_tile, pdl, pdl_enter, splitk_buffer, splitk_finish
+from lowbit.kernels.triton.common import (
+    grouped_tile,
+    pdl,
+    pdl_enter,
+    splitk_buffer,
+    splitk_counters,
+    splitk_finish,
+    splitk_last,
+)
 
 NUM_SMS = 132
 GEMV_MAX_M = 2  # every row of x is a register accumulator of BLOCK_N × BLOCK_K
@@ -126,11 +133,12 @@ def _dequant_tile(w_ptr, s_ptr, rn, kw, n_mask, stride_wn, stride_sn, KW, GROUP:
 
 @triton.jit
 def _fp4_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, rs_ptr, b_ptr, out_ptr, M, N, KW,
-    stride_xm, stride_wn, stride_sn, stride_os, stride_om,
+    x_ptr, w_ptr, s_ptr, rs_ptr, b_ptr, out_ptr, y_ptr, cnt_ptr, M, N, KW,
+    stride_xm, stride_wn, stride_sn, stride_os, stride_om, stride_ym,
     GROUP: tl.constexpr, MX: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     PER_SPLIT: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
+    SPLIT: tl.constexpr, FUSED: tl.constexpr, FINISH_BIAS: tl.constexpr, WARPS: tl.constexpr,
     PDL: tl.constexpr,
 ):  # fmt: skip
     pdl_enter(PDL)
@@ -162,6 +170,10 @@ def _fp4_gemv_kernel(
         y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
     tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if FUSED:  # the tile's last split sums the partials into y
+        splitk_last(out_ptr, y_ptr, b_ptr, cnt_ptr, pid_n, M, N, 0, pid_n * BLOCK_N, stride_os,
+                    stride_om, stride_ym, SPLIT, BLOCK_M, BLOCK_N, FINISH_BIAS,
+                    WARPS)  # fmt: skip
 
 
 @triton.jit
@@ -223,16 +235,21 @@ def _gemv(x2, w32, sb, rs, bias, G, mx, out_dtype, over) -> Tensor:
     split = triton.cdiv(triton.cdiv(K, bk), per_split)
     even = N % bn == 0 and K == split * per_split * bk
     out = splitk_buffer(split, M, N, out_dtype, x2.device)
-    has_bias = bias is not None and split == 1
+    tiles = triton.cdiv(N, bn)
+    counters = splitk_counters(x2.device, tiles) if split > 1 else None
+    y = torch.empty(M, N, dtype=out_dtype, device=x2.device) if counters is not None else out[0]
     dummy = w32  # never read when the flag that needs it is off
-    _fp4_gemv_kernel[(triton.cdiv(N, bn), split)](
-        x2, w32, sb, rs if rs is not None else dummy, bias if has_bias else dummy, out, M, N, KW,
-        x2.stride(0), w32.stride(0), sb.stride(0), out.stride(0), out.stride(1),
-        GROUP=G, MX=mx, HAS_ROW_SCALE=rs is not None, HAS_BIAS=has_bias,
+    _fp4_gemv_kernel[(tiles, split)](
+        x2, w32, sb, rs if rs is not None else dummy, bias if bias is not None else dummy, out,
+        y, counters if counters is not None else dummy, M, N, KW,
+        x2.stride(0), w32.stride(0), sb.stride(0), out.stride(0), out.stride(1), y.stride(0),
+        GROUP=G, MX=mx, HAS_ROW_SCALE=rs is not None, HAS_BIAS=bias is not None and split == 1,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, PER_SPLIT=per_split,
-        EVEN=even, STAGES=stages, **pdl(out.device), num_warps=warps, num_stages=stages,
+        EVEN=even, STAGES=stages, SPLIT=split, FUSED=counters is not None,
+        FINISH_BIAS=bias is not None, WARPS=warps,
+        **pdl(out.device), num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    return splitk_finish(out, bias, out_dtype)
+    return y if counters is not None else splitk_finish(out, bias, out_dtype)
 
 
 def _mma(x2, w32, sb, rs, bias, G, mx, out_dtype, over) -> Tensor:

@@ -1,8 +1,10 @@
 """Paged decode attention: one new query token per sequence over its paged KV cache.
 
 Split-KV (flash-decoding): each program takes one (sequence, KV head, context split) and all the
-query heads of that KV head's group, so batch 1 with 8 KV heads still fills the GPU. A second
-kernel merges the splits' partial softmaxes. fp8 caches are read and multiplied by their scale.
+query heads of that KV head's group, so batch 1 with 8 KV heads still fills the GPU. The last
+split of a (sequence, KV head) to finish merges the splits' partial softmaxes (the arrival
+counters of `common.splitk_counters`; a second kernel when they are off or unavailable). fp8
+caches are read and multiplied by their scale.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lowbit.kernels.triton.common import pdl, pdl_enter
+from lowbit.kernels.triton.common import pdl, pdl_enter, splitk_counters
 
 BLOCK_N = 64  # context tokens per inner step
 TARGET_PROGRAMS = 264  # ~2 waves of 132 SMs (H100 SXM)
@@ -21,12 +23,12 @@ MAX_SPLITS = 32
 
 @triton.jit
 def _paged_decode_attention_kernel(
-    q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, ml_ptr,
+    q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, ml_ptr, cnt_ptr,
     scale, k_scale, v_scale,
     stride_qb, stride_qh, stride_ks, stride_kh, stride_tb, stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    IS_FP8: tl.constexpr,
+    IS_FP8: tl.constexpr, FUSED_MERGE: tl.constexpr,
     PDL: tl.constexpr,
 ):  # fmt: skip
     pdl_enter(PDL)
@@ -91,6 +93,15 @@ def _paged_decode_attention_kernel(
         tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=out_mask)
         tl.store(ml_ptr + row * 2, m_i, mask=g_mask)
         tl.store(ml_ptr + row * 2 + 1, l_i, mask=g_mask)
+        if FUSED_MERGE:  # the last split of (b, hkv) to finish merges its group's heads
+            tl.debug_barrier()  # every thread's partials are stored before the arrival counts
+            tile = b * tl.num_programs(1) + hkv
+            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+            if arrived == NUM_SPLITS - 1:
+                for gi in tl.static_range(GROUP):
+                    _merge_head(part_ptr, ml_ptr, out_ptr, b, hkv * GROUP + gi, H, stride_ob,
+                                stride_oh, HEAD_DIM, BLOCK_D, NUM_SPLITS)  # fmt: skip
+                tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
 
 
 @triton.jit
@@ -100,19 +111,28 @@ def _merge_splits_kernel(
     PDL: tl.constexpr,
 ):  # fmt: skip
     pdl_enter(PDL)
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    H = tl.num_programs(1)
+    _merge_head(part_ptr, ml_ptr, out_ptr, tl.program_id(0), tl.program_id(1),
+                tl.num_programs(1), stride_ob, stride_oh, HEAD_DIM, BLOCK_D,
+                NUM_SPLITS)  # fmt: skip
+
+
+@triton.jit
+def _merge_head(part_ptr, ml_ptr, out_ptr, b, h, H, stride_ob, stride_oh,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                NUM_SPLITS: tl.constexpr):  # fmt: skip
+    """out[b, h] from the splits' partial softmaxes of head h (read at L2: other programs
+    wrote them)."""
     s = tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, BLOCK_D)
     row = (b * H + h) * NUM_SPLITS + s  # (S,)
-    m = tl.load(ml_ptr + row * 2)
-    l_s = tl.load(ml_ptr + row * 2 + 1)
+    m = tl.load(ml_ptr + row * 2, cache_modifier=".cg")
+    l_s = tl.load(ml_ptr + row * 2 + 1, cache_modifier=".cg")
     m_max = tl.max(m, axis=0)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # empty sequence: all splits empty
     w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))  # (S,)
     denom = tl.sum(w * l_s, axis=0)
-    part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=d[None, :] < HEAD_DIM)
+    part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=d[None, :] < HEAD_DIM,
+                   cache_modifier=".cg")  # fmt: skip
     out = tl.sum(part * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
     tl.store(
         out_ptr + b * stride_ob + h * stride_oh + d,
@@ -160,21 +180,23 @@ def paged_decode_attention(
     group = H // Hkv
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
     part = ml = out  # unused when splits == 1
+    counters = None
     if splits > 1:
         part = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
         ml = torch.empty(B, H, splits, 2, dtype=torch.float32, device=q.device)
+        counters = splitk_counters(q.device, B * Hkv)
     block_d = triton.next_power_of_2(D)
     _paged_decode_attention_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part, ml,
-        scale, k_scale, v_scale,
+        counters if counters is not None else out, scale, k_scale, v_scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, NUM_SPLITS=splits,
-        IS_FP8=k_cache.dtype.itemsize == 1,
+        IS_FP8=k_cache.dtype.itemsize == 1, FUSED_MERGE=counters is not None,
         **pdl(q.device), num_warps=4, num_stages=2,
     )  # fmt: skip
-    if splits > 1:
+    if splits > 1 and counters is None:
         _merge_splits_kernel[(B, H)](
             part, ml, out, out.stride(0), out.stride(1),
             HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits, **pdl(out.device), num_warps=4,

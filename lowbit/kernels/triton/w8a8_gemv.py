@@ -10,8 +10,8 @@ Why not the MMA kernel at M = 1: a (16, BN) tile wastes 15 of 16 MMA rows and it
 holds few bytes in flight per SM; batch-1 decode is a pure weight stream. Here a program owns
 BLOCK_N weight rows and one K range for all M rows; each thread loads 16 contiguous bytes of a
 row per step and keeps a (M, BLOCK_N, BLOCK_K) register accumulator, reduced across lanes once at
-the end, so the loop is loads and FMAs only. Splits write fp32 partials that one reduce launch
-sums (+ bias).
+the end, so the loop is loads and FMAs only. Splits write fp32 partials; the last program of a
+row block to finish sums them (+ bias) into the output (`common.splitk_last`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lowbit.kernels.triton.common import pdl, pdl_enter, splitk_buffer, splitk_finish
+from lowbit.kernels.triton.common import (
+    pdl,
+    pdl_enter,
+    prefetch_l2,
+    prefetch_tiles,
+    splitk_buffer,
+    splitk_counters,
+    splitk_finish,
+    splitk_last,
+)
 
 NUM_SMS = 132
 MAX_M = 2  # every row is a register accumulator of BLOCK_N × BLOCK_K
@@ -36,38 +45,60 @@ def _config(
     warps: int = 4,
     stages: int = 1,
     waves: int = 4,
-) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, per_split tiles, num_warps, num_stages).
+    prefetch: int = 2,
+) -> tuple[int, int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, per_split tiles, num_warps, num_stages, prefetch tiles).
 
-    Splits aim at `waves` programs an SM, in whole BLOCK_K tiles that divide evenly.
+    Splits aim at `waves` programs an SM, in whole BLOCK_K tiles that divide evenly. A program
+    first asks L2 for its first `prefetch` tiles of weights (before `pdl_enter` waits).
     """
     bk = min(bk, triton.next_power_of_2(K))
     tiles = triton.cdiv(K, bk)
     rows = triton.cdiv(N, bn)
     want = max(1, (waves * NUM_SMS) // rows)
     per_split = max(1, triton.cdiv(tiles, want))
-    return bn, bk, per_split, warps, stages
+    return bn, bk, per_split, warps, stages, prefetch
+
+
+@triton.constexpr_function
+def _prefetch_span(prefetch, per_split, block_k):
+    """Weight values along K a program prefetches."""
+    return min(prefetch, per_split) * block_k
+
+
+@triton.constexpr_function
+def _lines_p2(span, line):
+    """128-byte lines in `span` values, as a power of two (an arange length)."""
+    n = max(1, -(-span // line))
+    return 1 << (n - 1).bit_length()
 
 
 @triton.jit
 def _w8a8_gemv_kernel(
-    x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, M, N, K,
-    stride_xm, stride_wn, stride_xsm, stride_os, stride_om,
+    x_ptr, w_ptr, xs_ptr, ws_ptr, b_ptr, out_ptr, y_ptr, cnt_ptr, M, N, K,
+    stride_xm, stride_wn, stride_xsm, stride_os, stride_om, stride_ym,
     IS_INT: tl.constexpr, SCALED: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
-    PDL: tl.constexpr,
+    SPLIT: tl.constexpr, FUSED: tl.constexpr, FINISH_BIAS: tl.constexpr, WARPS: tl.constexpr,
+    PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
     n_mask = rn < N
+    k0 = pid_k * PER_SPLIT * BLOCK_K
+    if PREFETCH > 0:  # the first tiles' weight lines, while the previous kernel runs
+        LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # 128 bytes
+        PF: tl.constexpr = _prefetch_span(PREFETCH, PER_SPLIT, BLOCK_K)
+        pk = k0 + tl.arange(0, _lines_p2(PF, LINE)) * LINE
+        pf_mask = n_mask[:, None] & (pk < K)[None, :] & (pk < k0 + PF)[None, :]
+        prefetch_l2(tl.where(pf_mask, w_ptr + rn[:, None] * stride_wn + pk[None, :], w_ptr))
+    pdl_enter(PDL)
     acc_t = tl.int32 if IS_INT else tl.float32
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], acc_t)
-    k0 = pid_k * PER_SPLIT * BLOCK_K
     # a constant trip count (few distinct values: one per shape); the loop's num_stages
     # prefetches its loads (the launch's num_stages pipelines only loads that feed a tl.dot)
     for t in tl.range(PER_SPLIT, num_stages=STAGES):
@@ -95,6 +126,10 @@ def _w8a8_gemv_kernel(
         y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
     tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if FUSED:  # the tile's last split sums the partials into y
+        splitk_last(out_ptr, y_ptr, b_ptr, cnt_ptr, pid_n, M, N, 0, pid_n * BLOCK_N, stride_os,
+                    stride_om, stride_ym, SPLIT, BLOCK_M, BLOCK_N, FINISH_BIAS,
+                    WARPS)  # fmt: skip
 
 
 def w8a8_gemv(
@@ -112,7 +147,7 @@ def w8a8_gemv(
     xs      (M, 1)  float32 per-row activation scales
     weight  (N, K)  same dtype as xq, unit column stride
     ws      (N,)    float32 per-output-channel weight scales (expanded when per tensor)
-    config  keyword overrides of `_config` (bn, bk, warps, stages, waves): tuning
+    config  keyword overrides of `_config` (bn, bk, warps, stages, waves, prefetch): tuning
     """
     cfg = _config(xq.shape[0], weight.shape[0], xq.shape[1], **(config or {}))
     return _gemv(xq, xs, weight, ws, bias, out_dtype, cfg)
@@ -140,20 +175,25 @@ def _gemv(xq, xs, weight, ws, bias, out_dtype, cfg) -> Tensor:
     assert 0 < M <= MAX_M, f"M={M}: the GEMV is the small-M path (M ≤ {MAX_M})"
     assert weight.dtype == xq.dtype and weight.stride(-1) == 1 and xq.stride(-1) == 1
     assert weight.shape[1] == K, (weight.shape, xq.shape)
-    bn, bk, per_split, warps, stages = cfg
+    bn, bk, per_split, warps, stages, prefetch = cfg
     split = triton.cdiv(triton.cdiv(K, bk), per_split)
     even = N % bn == 0 and K == split * per_split * bk
     out = splitk_buffer(split, M, N, out_dtype, xq.device)
-    has_bias = bias is not None and split == 1
+    tiles = triton.cdiv(N, bn)
+    counters = splitk_counters(xq.device, tiles) if split > 1 else None
+    y = torch.empty(M, N, dtype=out_dtype, device=xq.device) if counters is not None else out[0]
     scaled = xs is not None
     dummy = out  # never read when the flag that needs it is off
-    _w8a8_gemv_kernel[(triton.cdiv(N, bn), split)](
+    _w8a8_gemv_kernel[(tiles, split)](
         xq, weight, xs if scaled else dummy, ws if scaled else dummy,
-        bias if has_bias else dummy, out, M, N, K,
+        bias if bias is not None else dummy, out, y,
+        counters if counters is not None else dummy, M, N, K,
         xq.stride(0), weight.stride(0), xs.stride(0) if scaled else 0, out.stride(0), out.stride(1),
-        IS_INT=xq.dtype == torch.int8, SCALED=scaled, HAS_BIAS=has_bias,
+        y.stride(0), IS_INT=xq.dtype == torch.int8, SCALED=scaled,
+        HAS_BIAS=bias is not None and split == 1,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, PER_SPLIT=per_split,
-        EVEN=even, STAGES=stages,
+        EVEN=even, STAGES=stages, SPLIT=split, FUSED=counters is not None,
+        FINISH_BIAS=bias is not None, WARPS=warps, PREFETCH=prefetch_tiles(prefetch),
         **pdl(out.device), num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    return splitk_finish(out, bias, out_dtype)
+    return y if counters is not None else splitk_finish(out, bias, out_dtype)

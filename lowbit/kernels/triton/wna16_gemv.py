@@ -16,8 +16,9 @@ Per weight value the loop body is about one LOP3, one FFMA per row of x and half
     256 for int8), so fp32 keeps ≥ 15 bits of the result.
 A program owns BLOCK_W packed words (P·BLOCK_W columns) and `per_split` chunks of K; each
 thread loads 4 words (16 bytes) a row and sums its rows in registers before lanes combine.
-Splits write fp32 partials that `common.splitk_finish` sums (+ bias) in one more launch;
-with one split the kernel writes the output itself. Everything is CUDA-graph safe.
+Splits write fp32 partials; the last program of a column block to finish sums them (+ bias)
+into the output (`common.splitk_last`; `common.splitk_finish`, one more launch, when the fused
+finish is off). With one split the kernel writes the output itself. Everything is CUDA-graph safe.
 """
 
 from __future__ import annotations
@@ -26,7 +27,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lowbit.kernels.triton.common import and_or_f32, pdl, pdl_enter, splitk_buffer, splitk_finish
+from lowbit.kernels.triton.common import (
+    and_or_f32,
+    pdl,
+    pdl_enter,
+    prefetch_l2,
+    prefetch_tiles,
+    splitk_buffer,
+    splitk_counters,
+    splitk_finish,
+    splitk_last,
+)
 from lowbit.kernels.triton.wna16_gemm import checked_rows
 
 NUM_SMS = 132
@@ -38,27 +49,33 @@ MAX_M = 4  # largest M accepted (one FFMA per weight per row); dispatch uses it 
 # of benchmarks/RESULTS.md (after the one-LOP3 decode) — qkv 16.3 → 15.0 µs, o 16.5 → 14.2,
 # down 28.6 → 26.8 with 4 waves; gate_up 33.7 µs with 8 (44.9 with 4).
 FEW_WAVES_MAX_NK = 64 * 2**20
+# Chunks of its weights a program prefetches into L2 before it waits for the previous kernel.
+PREFETCH_CHUNKS = 2
 
 
 def _config(M: int, N: int, K: int, G: int, P: int, **over) -> tuple[int, ...]:
-    """(BLOCK_W, BLOCK_K, CHUNK, chunks_per_split, num_warps, num_stages, UNROLL) by size.
+    """(BLOCK_W, BLOCK_K, CHUNK, chunks_per_split, num_warps, num_stages, UNROLL, PREFETCH)
+    by size.
 
     BLOCK_W words a program (4 per thread along N, 16-byte loads; the rest of a warp's lanes
     and the warps run along K). Splits aim at `waves` warps an SM but keep whole chunks, and
     split evenly (no bounds checks in the K loop). With unroll=1 the loop over a chunk's K
     tiles is unrolled, leaving the chunk loop as the only loop, which the software pipeliner
-    then prefetches `stages` - 1 chunks ahead. `over` replaces any of block_w, block_k, chunk,
-    warps, waves, stages, unroll (tuning probes).
+    then prefetches `stages` - 1 chunks ahead. A program first asks L2 for its first
+    `prefetch` chunks of weights (before it waits for the previous kernel, see `pdl_enter`).
+    `over` replaces any of block_w, block_k, chunk, warps, waves, stages, unroll, prefetch
+    (tuning probes).
     """
     c = {"block_w": 32 if M <= 2 else 64, "block_k": 32, "chunk": 128, "warps": 1, "waves": 8,
-         "stages": 1, "unroll": 0}  # fmt: skip
+         "stages": 1, "unroll": 0, "prefetch": PREFETCH_CHUNKS}  # fmt: skip
     if M == 1 and P == 8:  # measured for int4 only
         c.update(chunk=64, stages=2, unroll=1, waves=4 if N * K <= FEW_WAVES_MAX_NK else 8)
     if set(over) - set(c):
         raise ValueError(f"unknown GEMV config keys {sorted(set(over) - set(c))}; use {list(c)}")
     c.update(over)
-    block_w, block_k, chunk, warps, waves, stages, unroll = (
-        c[k] for k in ("block_w", "block_k", "chunk", "warps", "waves", "stages", "unroll")
+    block_w, block_k, chunk, warps, waves, stages, unroll, prefetch = (
+        c[k]
+        for k in ("block_w", "block_k", "chunk", "warps", "waves", "stages", "unroll", "prefetch")
     )
     chunk = min(chunk, G & -G)  # a power of two dividing G: a chunk never straddles a group
     block_k = min(block_k, chunk)
@@ -68,7 +85,7 @@ def _config(M: int, N: int, K: int, G: int, P: int, **over) -> tuple[int, ...]:
     per_split = max(1, triton.cdiv(chunks, want))
     while chunks % per_split:
         per_split += 1
-    return block_w, block_k, chunk, per_split, warps, stages, unroll
+    return block_w, block_k, chunk, per_split, warps, stages, unroll, prefetch
 
 
 @triton.constexpr_function
@@ -162,18 +179,30 @@ def _store_code(acc, out_ptr, bias_ptr, rm, rj, m_mask, j_mask, stride_om, i: tl
 
 @triton.jit
 def _wna16_gemv_kernel(
-    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr,
+    x_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, y_ptr, cnt_ptr,
     M, NW, K, per_split,
-    stride_xm, stride_qk, stride_sg, stride_zg, stride_os, stride_om,
+    stride_xm, stride_qk, stride_sg, stride_zg, stride_os, stride_om, stride_ym,
     GROUP: tl.constexpr, BITS: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
     EVEN_W: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr,
-    PDL: tl.constexpr,
+    SPLIT: tl.constexpr, FUSED: tl.constexpr, FINISH_BIAS: tl.constexpr, WARPS: tl.constexpr,
+    PREFETCH: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    pdl_enter(PDL)
     P: tl.constexpr = 32 // BITS
     pid_w = tl.program_id(0)
     pid_k = tl.program_id(1)
+    if PREFETCH > 0:  # this program's first weight rows, while the previous kernel runs
+        PF_ROWS: tl.constexpr = 32 * WARPS
+        LINE_W: tl.constexpr = 32 if BLOCK_W > 32 else BLOCK_W  # words of a 128-byte line
+        k_lo = pid_k * per_split * CHUNK
+        k_pf = k_lo + tl.minimum(per_split, PREFETCH) * CHUNK
+        lines = pid_w * BLOCK_W + tl.arange(0, BLOCK_W // LINE_W) * LINE_W
+        for r in range(k_lo, k_pf, PF_ROWS):
+            rows = r + tl.arange(0, PF_ROWS)
+            pf_mask = (rows[:, None] < k_pf) & (lines[None, :] < NW)
+            prefetch_l2(tl.where(pf_mask, qw_ptr + rows[:, None] * stride_qk + lines[None, :],
+                                 qw_ptr))  # fmt: skip
+    pdl_enter(PDL)
     rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     rj = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)  # packed word (column group) index
     m_mask = rm < M
@@ -210,6 +239,7 @@ def _wna16_gemv_kernel(
             a5 = _finish_code(a5, p5, xsum, s_row, z_row, rj, j_mask, 5, P, BITS, HAS_ZERO)
             a6 = _finish_code(a6, p6, xsum, s_row, z_row, rj, j_mask, 6, P, BITS, HAS_ZERO)
             a7 = _finish_code(a7, p7, xsum, s_row, z_row, rj, j_mask, 7, P, BITS, HAS_ZERO)
+    part_ptr = out_ptr
     out_ptr += pid_k * stride_os
     _store_code(a0, out_ptr, bias_ptr, rm, rj, m_mask, j_mask, stride_om, 0, P, HAS_BIAS)
     _store_code(a1, out_ptr, bias_ptr, rm, rj, m_mask, j_mask, stride_om, 1, P, HAS_BIAS)
@@ -220,6 +250,12 @@ def _wna16_gemv_kernel(
         _store_code(a5, out_ptr, bias_ptr, rm, rj, m_mask, j_mask, stride_om, 5, P, HAS_BIAS)
         _store_code(a6, out_ptr, bias_ptr, rm, rj, m_mask, j_mask, stride_om, 6, P, HAS_BIAS)
         _store_code(a7, out_ptr, bias_ptr, rm, rj, m_mask, j_mask, stride_om, 7, P, HAS_BIAS)
+    if FUSED:  # the tile's last split sums the partials into y
+        splitk_last(
+            part_ptr, y_ptr, bias_ptr, cnt_ptr, tl.program_id(2) * tl.num_programs(0) + pid_w,
+            M, NW * P, tl.program_id(2) * BLOCK_M, pid_w * BLOCK_W * P, stride_os, stride_om,
+            stride_ym, SPLIT, BLOCK_M, BLOCK_W * P, FINISH_BIAS, WARPS,
+        )  # fmt: skip
 
 
 def wna16_gemv(
@@ -241,7 +277,7 @@ def wna16_gemv(
     if M == 0:
         return x.new_empty(*lead, N)
     assert M <= MAX_M, f"M={M}: wna16_gemv is the small-M path (M ≤ {MAX_M})"
-    block_w, block_k, chunk, per_split, warps, stages, unroll = _config(
+    block_w, block_k, chunk, per_split, warps, stages, unroll, prefetch = _config(
         M, N, K, G, P, **(config or {})
     )
     assert G % chunk == 0 and chunk % block_k == 0 and (K // chunk) % per_split == 0
@@ -249,16 +285,23 @@ def wna16_gemv(
     block_m = triton.next_power_of_2(max(M, 1))
     out = splitk_buffer(split, M, N, x.dtype, x.device)
     grid = (triton.cdiv(N // P, block_w), split, triton.cdiv(M, block_m))
+    counters = splitk_counters(x.device, grid[0] * grid[2]) if split > 1 else None
+    y = x.new_empty(M, N) if counters is not None else out[0]
     dummy = qweight  # never read when the flag that needs it is off
     _wna16_gemv_kernel[grid](
         x2, qweight, scales, qzeros if qzeros is not None else dummy,
-        bias if bias is not None and split == 1 else dummy, out,
+        bias if bias is not None else dummy, out, y,
+        counters if counters is not None else dummy,
         M, N // P, K, per_split,
         x2.stride(0), qweight.stride(0), scales.stride(0),
-        qzeros.stride(0) if qzeros is not None else 0, out.stride(0), out.stride(1),
+        qzeros.stride(0) if qzeros is not None else 0, out.stride(0), out.stride(1), y.stride(0),
         GROUP=G, BITS=bits, HAS_ZERO=qzeros is not None,
         HAS_BIAS=bias is not None and split == 1, BLOCK_M=block_m, BLOCK_W=block_w,
         BLOCK_K=block_k, CHUNK=chunk, EVEN_W=(N // P) % block_w == 0, UNROLL=bool(unroll),
-        STAGES=stages, **pdl(out.device), num_warps=warps, num_stages=stages,
+        STAGES=stages, SPLIT=split, FUSED=counters is not None,
+        FINISH_BIAS=bias is not None, WARPS=warps, PREFETCH=prefetch_tiles(prefetch),
+        **pdl(out.device), num_warps=warps, num_stages=stages,
     )  # fmt: skip
+    if counters is not None:
+        return y.reshape(*lead, N)
     return splitk_finish(out, bias, x.dtype).reshape(*lead, N)
