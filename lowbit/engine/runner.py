@@ -132,17 +132,23 @@ class ModelRunner:
         if self.device.type == "cpu":
             tokens = min(_CPU_KV_TOKENS, _CPU_KV_BYTES // self._kv_bytes_per_token())
             return max(tokens // self.block_size, 1)
+        # the peak below is this engine's: weights, activations and whatever else is alive now,
+        # not an earlier engine's KV cache in the same process
+        torch.cuda.reset_peak_memory_stats(self.device)
         self._warmup()
         free, total = torch.cuda.mem_get_info(self.device)
-        used_by_others = total - free - torch.cuda.memory_allocated(self.device)
+        # memory this process's allocator holds (reserved) is ours to reuse, cached blocks of
+        # earlier, released models included; the rest of what is not free is another's
+        used_by_others = total - free - torch.cuda.memory_reserved(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         budget = total * self.args.mem_fraction_static - peak - used_by_others
         blocks = int(budget // per_block)
         if blocks <= 0:
             raise RuntimeError(
                 f"no GPU memory left for the KV cache (weights and activations take "
-                f"{peak / 2**30:.1f} GiB of {total / 2**30:.1f} GiB); raise --mem-fraction-static "
-                f"or use a smaller or more quantized model"
+                f"{peak / 2**30:.1f} GiB and other processes {used_by_others / 2**30:.1f} GiB of "
+                f"{total / 2**30:.1f} GiB); raise --mem-fraction-static or use a smaller or more "
+                f"quantized model"
             )
         return blocks
 

@@ -188,7 +188,8 @@ def test_w4a4_input_scale(dev, path, M, divisor):
     x, w, bs, rs, bias = _operands("nvfp4", M, 72, 256, 21)
     amax = x.float().abs().max()
     gs = (448 * 6 / amax if divisor else amax / (448 * 6)).reshape(1)
-    y = _run(dev, x, w, bs, rs, 16, bias, config={"path": path}, input_scale=gs, divisor=divisor)
+    y = _run(dev, x, w, bs, rs, 16, bias, config={"path": path}, input_scale=gs.to(dev),
+             divisor=divisor)  # fmt: skip
     s = _ref_scale(bs, rs)
     ref = reference.fp4_gemm(x, w, s, 16, gs, bias, divisor=divisor).float()
     weight_only = reference.fp4_gemm(x.float(), w, s, 16, None, bias.float())

@@ -60,16 +60,6 @@ def splitk_finish(out: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tenso
     return y
 
 
-# `prefetch_l2` of the first weight tiles before `pdl_enter` (LOWBIT_PREFETCH=0 turns it off;
-# benchmarks flip PREFETCH_ENABLED). Launchers pass `prefetch_tiles(n)` as the kernel's count.
-PREFETCH_ENABLED = os.environ.get("LOWBIT_PREFETCH", "1") != "0"
-
-
-def prefetch_tiles(n: int) -> int:
-    """`n`, or 0 when weight prefetching is off."""
-    return n if PREFETCH_ENABLED else 0
-
-
 # In-kernel split-K finish: the last program of a tile to arrive sums the tile's partials
 # (`splitk_last`), so a split GEMV is one launch instead of two. LOWBIT_FUSED_SPLITK=0 (or
 # FUSED_SPLITK = False) restores the separate reduce launch (`splitk_finish`).
@@ -188,25 +178,11 @@ def and_or_f32(w, MASK: tl.constexpr, MAGIC: tl.constexpr):
 
 
 @triton.jit
-def prefetch_l2(ptrs):
-    """Start fetching the 128-byte lines at `ptrs` into L2 and go on (no registers wait for
-    them). Kernels issue it for the first tiles of their weights before `pdl_enter`: weights
-    never depend on the previous kernel, so their stream starts while that kernel still runs.
-    Nothing under the interpreter."""
-    if USE_PTX:
-        tl.inline_asm_elementwise(
-            "prefetch.global.L2 [$1]; mov.u32 $0, 0;", "=r,l", [ptrs],
-            dtype=tl.int32, is_pure=False, pack=1,
-        )  # fmt: skip
-
-
-@triton.jit
 def pdl_enter(PDL: tl.constexpr):
-    """The first statement of every kernel launched with `pdl(...)` (before it a kernel may
-    only read memory no kernel writes, as `prefetch_l2` reads weights): wait until the previous
-    kernel in the stream has finished and its writes are visible, then let the next kernel
-    launch (it will wait here in turn), so at most two kernels overlap. A no-op when PDL is
-    off."""
+    """The first statement of every kernel launched with `pdl(...)` (nothing before it may read
+    or write memory): wait until the previous kernel in the stream has finished and its writes
+    are visible, then let the next kernel launch (it will wait here in turn), so at most two
+    kernels overlap. A no-op when PDL is off."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

@@ -24,8 +24,6 @@ from torch import Tensor
 from lowbit.kernels.triton.common import (
     pdl,
     pdl_enter,
-    prefetch_l2,
-    prefetch_tiles,
     splitk_buffer,
     splitk_counters,
     splitk_finish,
@@ -45,32 +43,17 @@ def _config(
     warps: int = 4,
     stages: int = 1,
     waves: int = 4,
-    prefetch: int = 2,
-) -> tuple[int, int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, per_split tiles, num_warps, num_stages, prefetch tiles).
+) -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_K, per_split tiles, num_warps, num_stages).
 
-    Splits aim at `waves` programs an SM, in whole BLOCK_K tiles that divide evenly. A program
-    first asks L2 for its first `prefetch` tiles of weights (before `pdl_enter` waits).
+    Splits aim at `waves` programs an SM, in whole BLOCK_K tiles that divide evenly.
     """
     bk = min(bk, triton.next_power_of_2(K))
     tiles = triton.cdiv(K, bk)
     rows = triton.cdiv(N, bn)
     want = max(1, (waves * NUM_SMS) // rows)
     per_split = max(1, triton.cdiv(tiles, want))
-    return bn, bk, per_split, warps, stages, prefetch
-
-
-@triton.constexpr_function
-def _prefetch_span(prefetch, per_split, block_k):
-    """Weight values along K a program prefetches."""
-    return min(prefetch, per_split) * block_k
-
-
-@triton.constexpr_function
-def _lines_p2(span, line):
-    """128-byte lines in `span` values, as a power of two (an arange length)."""
-    n = max(1, -(-span // line))
-    return 1 << (n - 1).bit_length()
+    return bn, bk, per_split, warps, stages
 
 
 @triton.jit
@@ -81,8 +64,9 @@ def _w8a8_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
     SPLIT: tl.constexpr, FUSED: tl.constexpr, FINISH_BIAS: tl.constexpr, WARPS: tl.constexpr,
-    PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -90,13 +74,6 @@ def _w8a8_gemv_kernel(
     m_mask = rm < M
     n_mask = rn < N
     k0 = pid_k * PER_SPLIT * BLOCK_K
-    if PREFETCH > 0:  # the first tiles' weight lines, while the previous kernel runs
-        LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # 128 bytes
-        PF: tl.constexpr = _prefetch_span(PREFETCH, PER_SPLIT, BLOCK_K)
-        pk = k0 + tl.arange(0, _lines_p2(PF, LINE)) * LINE
-        pf_mask = n_mask[:, None] & (pk < K)[None, :] & (pk < k0 + PF)[None, :]
-        prefetch_l2(tl.where(pf_mask, w_ptr + rn[:, None] * stride_wn + pk[None, :], w_ptr))
-    pdl_enter(PDL)
     acc_t = tl.int32 if IS_INT else tl.float32
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], acc_t)
     # a constant trip count (few distinct values: one per shape); the loop's num_stages
@@ -147,7 +124,7 @@ def w8a8_gemv(
     xs      (M, 1)  float32 per-row activation scales
     weight  (N, K)  same dtype as xq, unit column stride
     ws      (N,)    float32 per-output-channel weight scales (expanded when per tensor)
-    config  keyword overrides of `_config` (bn, bk, warps, stages, waves, prefetch): tuning
+    config  keyword overrides of `_config` (bn, bk, warps, stages, waves): tuning
     """
     cfg = _config(xq.shape[0], weight.shape[0], xq.shape[1], **(config or {}))
     return _gemv(xq, xs, weight, ws, bias, out_dtype, cfg)
@@ -175,7 +152,7 @@ def _gemv(xq, xs, weight, ws, bias, out_dtype, cfg) -> Tensor:
     assert 0 < M <= MAX_M, f"M={M}: the GEMV is the small-M path (M ≤ {MAX_M})"
     assert weight.dtype == xq.dtype and weight.stride(-1) == 1 and xq.stride(-1) == 1
     assert weight.shape[1] == K, (weight.shape, xq.shape)
-    bn, bk, per_split, warps, stages, prefetch = cfg
+    bn, bk, per_split, warps, stages = cfg
     split = triton.cdiv(triton.cdiv(K, bk), per_split)
     even = N % bn == 0 and K == split * per_split * bk
     out = splitk_buffer(split, M, N, out_dtype, xq.device)
@@ -193,7 +170,7 @@ def _gemv(xq, xs, weight, ws, bias, out_dtype, cfg) -> Tensor:
         HAS_BIAS=bias is not None and split == 1,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, PER_SPLIT=per_split,
         EVEN=even, STAGES=stages, SPLIT=split, FUSED=counters is not None,
-        FINISH_BIAS=bias is not None, WARPS=warps, PREFETCH=prefetch_tiles(prefetch),
+        FINISH_BIAS=bias is not None, WARPS=warps,
         **pdl(out.device), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return y if counters is not None else splitk_finish(out, bias, out_dtype)

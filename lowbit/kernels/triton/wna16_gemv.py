@@ -31,8 +31,6 @@ from lowbit.kernels.triton.common import (
     and_or_f32,
     pdl,
     pdl_enter,
-    prefetch_l2,
-    prefetch_tiles,
     splitk_buffer,
     splitk_counters,
     splitk_finish,
@@ -49,33 +47,27 @@ MAX_M = 4  # largest M accepted (one FFMA per weight per row); dispatch uses it 
 # of benchmarks/RESULTS.md (after the one-LOP3 decode) — qkv 16.3 → 15.0 µs, o 16.5 → 14.2,
 # down 28.6 → 26.8 with 4 waves; gate_up 33.7 µs with 8 (44.9 with 4).
 FEW_WAVES_MAX_NK = 64 * 2**20
-# Chunks of its weights a program prefetches into L2 before it waits for the previous kernel.
-PREFETCH_CHUNKS = 2
 
 
 def _config(M: int, N: int, K: int, G: int, P: int, **over) -> tuple[int, ...]:
-    """(BLOCK_W, BLOCK_K, CHUNK, chunks_per_split, num_warps, num_stages, UNROLL, PREFETCH)
-    by size.
+    """(BLOCK_W, BLOCK_K, CHUNK, chunks_per_split, num_warps, num_stages, UNROLL) by size.
 
     BLOCK_W words a program (4 per thread along N, 16-byte loads; the rest of a warp's lanes
     and the warps run along K). Splits aim at `waves` warps an SM but keep whole chunks, and
     split evenly (no bounds checks in the K loop). With unroll=1 the loop over a chunk's K
     tiles is unrolled, leaving the chunk loop as the only loop, which the software pipeliner
-    then prefetches `stages` - 1 chunks ahead. A program first asks L2 for its first
-    `prefetch` chunks of weights (before it waits for the previous kernel, see `pdl_enter`).
-    `over` replaces any of block_w, block_k, chunk, warps, waves, stages, unroll, prefetch
-    (tuning probes).
+    then prefetches `stages` - 1 chunks ahead. `over` replaces any of block_w, block_k, chunk,
+    warps, waves, stages, unroll (tuning probes).
     """
     c = {"block_w": 32 if M <= 2 else 64, "block_k": 32, "chunk": 128, "warps": 1, "waves": 8,
-         "stages": 1, "unroll": 0, "prefetch": PREFETCH_CHUNKS}  # fmt: skip
+         "stages": 1, "unroll": 0}  # fmt: skip
     if M == 1 and P == 8:  # measured for int4 only
         c.update(chunk=64, stages=2, unroll=1, waves=4 if N * K <= FEW_WAVES_MAX_NK else 8)
     if set(over) - set(c):
         raise ValueError(f"unknown GEMV config keys {sorted(set(over) - set(c))}; use {list(c)}")
     c.update(over)
-    block_w, block_k, chunk, warps, waves, stages, unroll, prefetch = (
-        c[k]
-        for k in ("block_w", "block_k", "chunk", "warps", "waves", "stages", "unroll", "prefetch")
+    block_w, block_k, chunk, warps, waves, stages, unroll = (
+        c[k] for k in ("block_w", "block_k", "chunk", "warps", "waves", "stages", "unroll")
     )
     chunk = min(chunk, G & -G)  # a power of two dividing G: a chunk never straddles a group
     block_k = min(block_k, chunk)
@@ -85,7 +77,7 @@ def _config(M: int, N: int, K: int, G: int, P: int, **over) -> tuple[int, ...]:
     per_split = max(1, triton.cdiv(chunks, want))
     while chunks % per_split:
         per_split += 1
-    return block_w, block_k, chunk, per_split, warps, stages, unroll, prefetch
+    return block_w, block_k, chunk, per_split, warps, stages, unroll
 
 
 @triton.constexpr_function
@@ -186,23 +178,12 @@ def _wna16_gemv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_K: tl.constexpr, CHUNK: tl.constexpr,
     EVEN_W: tl.constexpr, UNROLL: tl.constexpr, STAGES: tl.constexpr,
     SPLIT: tl.constexpr, FUSED: tl.constexpr, FINISH_BIAS: tl.constexpr, WARPS: tl.constexpr,
-    PREFETCH: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    pdl_enter(PDL)
     P: tl.constexpr = 32 // BITS
     pid_w = tl.program_id(0)
     pid_k = tl.program_id(1)
-    if PREFETCH > 0:  # this program's first weight rows, while the previous kernel runs
-        PF_ROWS: tl.constexpr = 32 * WARPS
-        LINE_W: tl.constexpr = 32 if BLOCK_W > 32 else BLOCK_W  # words of a 128-byte line
-        k_lo = pid_k * per_split * CHUNK
-        k_pf = k_lo + tl.minimum(per_split, PREFETCH) * CHUNK
-        lines = pid_w * BLOCK_W + tl.arange(0, BLOCK_W // LINE_W) * LINE_W
-        for r in range(k_lo, k_pf, PF_ROWS):
-            rows = r + tl.arange(0, PF_ROWS)
-            pf_mask = (rows[:, None] < k_pf) & (lines[None, :] < NW)
-            prefetch_l2(tl.where(pf_mask, qw_ptr + rows[:, None] * stride_qk + lines[None, :],
-                                 qw_ptr))  # fmt: skip
-    pdl_enter(PDL)
     rm = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     rj = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)  # packed word (column group) index
     m_mask = rm < M
@@ -277,7 +258,7 @@ def wna16_gemv(
     if M == 0:
         return x.new_empty(*lead, N)
     assert M <= MAX_M, f"M={M}: wna16_gemv is the small-M path (M ≤ {MAX_M})"
-    block_w, block_k, chunk, per_split, warps, stages, unroll, prefetch = _config(
+    block_w, block_k, chunk, per_split, warps, stages, unroll = _config(
         M, N, K, G, P, **(config or {})
     )
     assert G % chunk == 0 and chunk % block_k == 0 and (K // chunk) % per_split == 0
@@ -299,7 +280,7 @@ def wna16_gemv(
         HAS_BIAS=bias is not None and split == 1, BLOCK_M=block_m, BLOCK_W=block_w,
         BLOCK_K=block_k, CHUNK=chunk, EVEN_W=(N // P) % block_w == 0, UNROLL=bool(unroll),
         STAGES=stages, SPLIT=split, FUSED=counters is not None,
-        FINISH_BIAS=bias is not None, WARPS=warps, PREFETCH=prefetch_tiles(prefetch),
+        FINISH_BIAS=bias is not None, WARPS=warps,
         **pdl(out.device), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     if counters is not None:
