@@ -91,9 +91,16 @@ def _mma_config(M: int, N: int, K: int, G: int) -> dict[str, int]:
 def _e2m1_f32(w, sh):
     """Nibble at bits 28 − sh … 31 − sh of int32 words → fp32 (sign bit 3, 2 exponent bits,
     1 mantissa bit; subnormal when the exponent is 0)."""
-    t = w << sh  # the nibble in bits 28-31: sign at fp32's sign bit
-    bits = (t & _SIGN_BIT) | ((t >> 6) & 0x01C00000)  # exponent, mantissa → bits 23-24, 22
+    t = w << sh  # the nibble in bits 28-31
+    # arithmetic shift: the sign stays at bit 31, exponent and mantissa land on bits 23-24, 22
+    bits = (t >> 6) & (_SIGN_BIT | 0x01C00000)
     return bits.to(tl.float32, bitcast=True) * _E2M1_BIAS
+
+
+@triton.jit
+def _code_dot(w, x, i: tl.constexpr):
+    """(BM, BN, BKW) x[m, j] · e2m1 code i of words w[n, j]."""
+    return _e2m1_f32(w, 28 - 4 * i)[None, :, :] * x[:, None, :]
 
 
 @triton.jit
@@ -149,20 +156,38 @@ def _fp4_gemv_kernel(
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
     n_mask = rn < N
-    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_N, BKW], tl.float32)
     kw0 = pid_k * PER_SPLIT * BKW
+    WPG: tl.constexpr = GROUP // 8  # int32 words a scale group
     # constant trip count; the loop's num_stages prefetches its loads (there is no tl.dot)
     for t in tl.range(PER_SPLIT, num_stages=STAGES):
         kw = kw0 + t * BKW + tl.arange(0, BKW)  # (BKW,) word index
-        rk = (kw0 + t * BKW) * 8 + tl.arange(0, BLOCK_K)  # (BK,) k index
-        w = _dequant_tile(w_ptr, s_ptr, rn, kw, n_mask, stride_wn, stride_sn, KW, GROUP, MX,
-                          not EVEN, "evict_first")  # fmt: skip
-        x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]  # (BM, BK)
+        w_ptrs = w_ptr + rn[:, None] * stride_wn + kw[None, :]  # (BN, BKW) int32, 8 codes each
+        s_ptrs = s_ptr + rn[:, None] * stride_sn + kw[None, :] // WPG  # (BN, BKW) scale bytes
+        # x as (BM, BKW, 8): the 8 k of word j at 8j + i
+        x_ptrs = x_ptr + rm[:, None, None] * stride_xm + (kw[:, None] * 8 + tl.arange(0, 8))[None]
         if EVEN:  # N % BLOCK_N == 0 and the splits tile K exactly
-            x = tl.load(x_ptrs, mask=m_mask[:, None], other=0.0)
-        else:
-            x = tl.load(x_ptrs, mask=m_mask[:, None] & (rk < KW * 8)[None, :], other=0.0)
-        acc += w[None, :, :] * x.to(tl.float32)[:, None, :]
+            w = tl.load(w_ptrs, eviction_policy="evict_first")
+            b = tl.load(s_ptrs)
+            x = tl.load(x_ptrs, mask=m_mask[:, None, None], other=0.0)
+        else:  # masked words read as code 0 (= 0.0) with scale byte 0 (finite)
+            mask = n_mask[:, None] & (kw < KW)[None, :]
+            w = tl.load(w_ptrs, mask=mask, other=0, eviction_policy="evict_first")
+            b = tl.load(s_ptrs, mask=mask, other=0)
+            x = tl.load(x_ptrs, mask=m_mask[:, None, None] & (kw < KW)[None, :, None], other=0.0)
+        # x of code i of every word, (BM, BKW) each: the in-thread 8 split three times
+        xa, xb = tl.split(tl.reshape(x.to(tl.float32), (BLOCK_M, BKW, 4, 2)))  # i even / odd
+        xa0, xa1 = tl.split(tl.reshape(xa, (BLOCK_M, BKW, 2, 2)))  # i in {0, 4} / {2, 6}
+        xb0, xb1 = tl.split(tl.reshape(xb, (BLOCK_M, BKW, 2, 2)))  # i in {1, 5} / {3, 7}
+        x0, x4 = tl.split(xa0)
+        x2, x6 = tl.split(xa1)
+        x1, x5 = tl.split(xb0)
+        x3, x7 = tl.split(xb1)
+        # Σ over a word's 8 codes first, then its block scale once a word
+        part = _code_dot(w, x0, 0) + _code_dot(w, x1, 1) + _code_dot(w, x2, 2)
+        part += _code_dot(w, x3, 3) + _code_dot(w, x4, 4) + _code_dot(w, x5, 5)
+        part += _code_dot(w, x6, 6) + _code_dot(w, x7, 7)  # (BM, BN, BKW)
+        acc += part * _scale_f32(b.to(tl.int32), MX)[None, :, :]
     y = tl.sum(acc, axis=2)  # (BM, BN)
     if HAS_ROW_SCALE:
         y = y * tl.load(rs_ptr + rn, mask=n_mask, other=0.0)[None, :]
