@@ -9,13 +9,14 @@ eager (same config, random bf16 weights, sdpa, DynamicCache), and torchao int4wo
 static cache under torch.compile (batch sizes --torchao-batches; skipped when torchao is not
 installed — carry its wheel to the lent machine).
 
-Variant names: `<scheme>[+eager][+nopdl][+cublas][+twolaunch]`; `+nopdl` launches without
-programmatic dependent launch (lowbit.kernels.triton.common.PDL_ENABLED off, as LOWBIT_PDL=0
-would), `+cublas` keeps unquantized linears on cuBLAS at M = 1 (dispatch.GEMV16_MAX_M = 0),
-`+twolaunch` sums split-K partials (and attention splits) in a second launch instead of in the
-kernel (common.FUSED_SPLITK off, as LOWBIT_FUSED_SPLITK=0 would); scheme `bf16` (unquantized) or
-one of benchlib.BENCH_SCHEMES, lowbit's own quantized plans over dummy weights
-(benchlib.bench_plan).
+Variant names: `<scheme>[+eager][+nopdl][+cublas][+twolaunch][+unfusedq]`; `+nopdl` launches
+without programmatic dependent launch (lowbit.kernels.triton.common.PDL_ENABLED off, as
+LOWBIT_PDL=0 would), `+cublas` keeps unquantized linears on cuBLAS at M = 1
+(dispatch.GEMV16_MAX_M = 0), `+twolaunch` sums split-K partials (and attention splits) in a
+second launch instead of in the kernel (common.FUSED_SPLITK off, as LOWBIT_FUSED_SPLITK=0
+would), `+unfusedq` quantizes W8A8 inputs in the GEMMs instead of in RMSNorm / SwiGLU
+(LOWBIT_FUSE_ACT_QUANT=0); scheme `bf16` (unquantized) or one of benchlib.BENCH_SCHEMES,
+lowbit's own quantized plans over dummy weights (benchlib.bench_plan).
 RMSNorm, rotary and SwiGLU run the fused Triton kernels in every variant (the layers call them
 since run 4; runs 1–3 had a `+fused` flag that patched them in).
 """
@@ -73,6 +74,7 @@ def lowbit_decode_flags(variant: str):
         "nopdl": (common, "PDL_ENABLED", False),
         "cublas": (dispatch, "GEMV16_MAX_M", 0),
         "twolaunch": (common, "FUSED_SPLITK", False),
+        "unfusedq": (dispatch, "FUSE_ACT_QUANT", False),
     }
     scheme, *flags = variant.split("+")
     if set(flags) - {"eager", *overrides}:

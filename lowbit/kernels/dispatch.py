@@ -173,6 +173,80 @@ def fp4_gemm(
 # ---- FP8 W8A8 ----
 
 
+class QuantizedActivation:
+    """Activations the producing kernel already quantized per token (RMSNorm or SwiGLU with a
+    quantized output, `rms_norm_quant` / `silu_mul_quant`): codes q (…, K) in the GEMM's
+    8-bit dtype and float32 scales (…, 1). A W8A8 GEMM with dynamic per-token inputs takes them
+    instead of quantizing again; `dtype` is the unquantized activations' (the GEMM's output)."""
+
+    __slots__ = ("q", "scale", "dtype")
+
+    def __init__(self, q: Tensor, scale: Tensor, dtype: torch.dtype):
+        self.q, self.scale, self.dtype = q, scale, dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.q.device
+
+    def numel(self) -> int:
+        return self.q.numel()
+
+    def rows(self) -> tuple[Tensor, Tensor]:
+        """(M, K) codes and (M, 1) scales."""
+        K = self.q.shape[-1]
+        return self.q.reshape(-1, K), self.scale.reshape(-1, 1)
+
+    def reference_gemm(self, weight: Tensor, weight_scale: Tensor, bias: Tensor | None):
+        """(q · scale) @ (weight · weight_scale)^T in float32, cast to `dtype`: the reference
+        W8A8 product of these codes (the reference GEMMs would quantize their input again)."""
+        N = weight.shape[0]
+        ws = weight_scale.float().reshape(-1)
+        w = weight.float() * (ws.reshape(N, 1) if ws.numel() == N else ws.reshape(1, 1))
+        x = self.q.float() * self.scale.float()
+        y = _reference("dense_gemm")(x, w, bias)
+        return y.to(self.dtype)
+
+
+# Norms and SwiGLU quantize their outputs for W8A8 consumers (LOWBIT_FUSE_ACT_QUANT=0: the
+# GEMMs quantize, one more launch each; benchmarks flip FUSE_ACT_QUANT).
+FUSE_ACT_QUANT = os.environ.get("LOWBIT_FUSE_ACT_QUANT", "1") != "0"
+
+
+def fuses_act_quant(device: torch.device) -> bool:
+    """Whether norms and SwiGLU quantize their outputs for a W8A8 consumer here (the Triton
+    kernels; elsewhere the GEMM quantizes, with the same numbers)."""
+    return FUSE_ACT_QUANT and use_triton(device)
+
+
+def rms_norm_quant(x, weight, eps, residual, qdtype, qmax):
+    """`rms_norm` whose output is quantized per token to `qdtype` (absmax / `qmax`) in the same
+    kernel: a QuantizedActivation (and the new residual when `residual` is given)."""
+    if use_triton(x.device):
+        return _triton("rms_norm", "rms_norm")(x, weight, eps, residual, quant=(qdtype, qmax))
+    out = _reference("rms_norm")(x, weight, eps, residual)
+    if residual is None:
+        return _quantized(out, qdtype, qmax)
+    return _quantized(out[0], qdtype, qmax), out[1]
+
+
+def silu_mul_quant(x: Tensor, qdtype: torch.dtype, qmax: float) -> QuantizedActivation:
+    """`silu_mul` with its output quantized per token in the same kernel."""
+    if use_triton(x.device):
+        return _triton("silu_mul", "silu_mul")(x, quant=(qdtype, qmax))
+    return _quantized(_reference("silu_mul")(x), qdtype, qmax)
+
+
+def _quantized(y: Tensor, qdtype: torch.dtype, qmax: float) -> QuantizedActivation:
+    """The reference's per-token quantization of y as a QuantizedActivation."""
+    K = y.shape[-1]
+    q, s = _reference("act_quant")(y.reshape(-1, K), qdtype, None, qmax)
+    return QuantizedActivation(q.reshape(y.shape), s.reshape(*y.shape[:-1], 1), y.dtype)
+
+
 def act_quant(
     x: Tensor, dtype: torch.dtype, group_size: int | None = None, qmax: float | None = None
 ):
@@ -195,6 +269,8 @@ def fp8_scaled_mm(
     float32; input_scale None → dynamic per-token activations, else a static per-tensor scale.
     """
     if not fp8_mma_supported(x.device):
+        if isinstance(x, QuantizedActivation):
+            return x.reference_gemm(weight, weight_scale, bias)
         return _reference("fp8_scaled_mm")(x, weight, weight_scale, input_scale, bias)
     if use_triton(x.device) and x.numel() // x.shape[-1] <= FP8_TRITON_MAX_M:
         return _triton("w8a8_gemm", "w8a8_gemm")(x, weight, weight_scale, input_scale, bias)
@@ -205,11 +281,16 @@ def _fp8_cublas(x, weight, weight_scale, input_scale=None, bias=None) -> Tensor:
     """FP8 W8A8 through torch._scaled_mm (cuBLASLt), per-tensor or row-wise scales."""
     N, K = weight.shape
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    M = x2.shape[0]
-    if input_scale is None:
+    if isinstance(x, QuantizedActivation):
+        xq, xs = x.rows()
+        M = xq.shape[0]
+    elif input_scale is None:
+        x2 = x.reshape(-1, K)
+        M = x2.shape[0]
         xq, xs = act_quant(x2.contiguous(), torch.float8_e4m3fn)  # (M, K), (M, 1)
     else:
+        x2 = x.reshape(-1, K)
+        M = x2.shape[0]
         xs = input_scale.reshape(1, 1).float()
         xq = (x2.float() / xs).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
     ws = weight_scale.float()
@@ -258,6 +339,8 @@ def int8_gemm(
     """INT8 W8A8: per-channel int8 weight, per-token dynamic (or static) int8 activations."""
     if use_triton(x.device):
         return _triton("w8a8_gemm", "w8a8_gemm")(x, weight, weight_scale, input_scale, bias, qmax)
+    if isinstance(x, QuantizedActivation):
+        return x.reference_gemm(weight, weight_scale, bias)
     return _reference("int8_gemm")(x, weight, weight_scale, input_scale, bias, qmax)
 
 

@@ -130,8 +130,15 @@ class LinearBase(nn.Module):
         return out
 
     def forward(self, x: Tensor) -> Tensor:
-        """`x (..., in) → (..., out)` through the scheme."""
+        """`x (..., in) → (..., out)` through the scheme (x may be the QuantizedActivation that
+        `input_quant` asked the producer for)."""
         return self.scheme.apply(self, x, self.bias)
+
+    def input_quant(self) -> tuple[torch.dtype, float] | None:
+        """(dtype, qmax) when the scheme quantizes its input per token dynamically and takes it
+        already quantized by the producing kernel (RMSNorm, SwiGLU); None otherwise."""
+        fused = getattr(self.scheme, "fused_input_quant", None)
+        return fused() if fused is not None else None
 
     def extra_repr(self) -> str:
         """Sizes and scheme, for printing the model."""

@@ -16,6 +16,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(size, dtype=dtype), requires_grad=False)
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-        """Normalize `x` (…, size); with `residual`, add it first and also return the sum."""
+    def forward(self, x: Tensor, residual: Tensor | None = None, quant=None):
+        """Normalize `x` (…, size); with `residual`, add it first and also return the sum.
+
+        `quant` is the consumer's `input_quant()` (a W8A8 linear's per-token activation dtype
+        and qmax): where the kernels fuse it, the output comes quantized
+        (a dispatch.QuantizedActivation)."""
+        if quant is not None and dispatch.fuses_act_quant(x.device):
+            return dispatch.rms_norm_quant(x, self.weight, self.eps, residual, *quant)
         return dispatch.rms_norm(x, self.weight, self.eps, residual)

@@ -72,7 +72,11 @@ class DecoderMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """x (T, hidden) → (T, hidden)."""
-        return self.down_proj(dispatch.silu_mul(self.gate_up_proj(x)))  # (T, 2I) → (T, I)
+        h = self.gate_up_proj(x)  # (T, 2I)
+        quant = self.down_proj.input_quant()
+        if quant is not None and dispatch.fuses_act_quant(h.device):  # W8A8 down_proj
+            return self.down_proj(dispatch.silu_mul_quant(h, *quant))
+        return self.down_proj(dispatch.silu_mul(h))  # (T, I) → (T, hidden)
 
 
 class DecoderLayer(nn.Module):
@@ -88,12 +92,15 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, residual, positions, rotary, meta, cache):
         """Returns (hidden, residual), both (T, hidden)."""
+        # W8A8 consumers get their inputs quantized by the norm (`Linear.input_quant`)
+        quant = self.self_attn.qkv_proj.input_quant()
         if residual is None:
-            residual, x = x, self.input_layernorm(x)
+            residual, x = x, self.input_layernorm(x, quant=quant)
         else:
-            x, residual = self.input_layernorm(x, residual)
+            x, residual = self.input_layernorm(x, residual, quant=quant)
         x = self.self_attn(x, positions, rotary, meta, cache)
-        x, residual = self.post_attention_layernorm(x, residual)
+        quant = self.mlp.gate_up_proj.input_quant()
+        x, residual = self.post_attention_layernorm(x, residual, quant=quant)
         return self.mlp(x), residual
 
 

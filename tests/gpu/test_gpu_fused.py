@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from gpu_util import ACT_DTYPE, gpu_device, rel_err  # noqa: F401
+from gpu_util import ACT_DTYPE, gpu_device, interpreter_scalar_index, rel_err  # noqa: F401
 
 from lowbit.kernels import dispatch, reference
 from lowbit.layers.norm import RMSNorm
@@ -54,3 +54,62 @@ def test_silu_mul(dev, T):
     x = torch.randn(T, 2 * 1500, device=dev, dtype=ACT_DTYPE)
     gate, up = x.chunk(2, dim=-1)
     assert rel_err(dispatch.silu_mul(x), F.silu(gate) * up) < 1e-2
+
+
+QUANTS = [(torch.float8_e4m3fn, 448.0), (torch.int8, 127.0), (torch.int8, 127.5)]
+
+
+@pytest.mark.parametrize("T", [1, 17])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("quant", QUANTS)
+def test_rms_norm_quant_equals_norm_then_act_quant(dev, T, with_residual, quant):
+    """The norm with a quantized output (what a W8A8 qkv / gate_up takes) gives the codes and
+    scales that act_quant gives from the unquantized norm output, bit for bit, and the same
+    residual."""
+    gen = torch.Generator().manual_seed(T)
+    N = 4000
+    norm = RMSNorm(N, 1e-5, ACT_DTYPE).to(dev)
+    norm.weight.data.copy_(torch.randn(N, generator=gen))
+    x = torch.randn(T, N, generator=gen).to(dev, ACT_DTYPE)
+    r = torch.randn(T, N, generator=gen).to(dev, ACT_DTYPE) if with_residual else None
+    got = norm(x, r, quant=quant)
+    plain = norm(x, r)
+    qa, y = (got[0], plain[0]) if with_residual else (got, plain)
+    assert isinstance(qa, dispatch.QuantizedActivation) and qa.dtype == ACT_DTYPE
+    q, s = dispatch.act_quant(y, quant[0], None, quant[1])
+    assert torch.equal(qa.q.view(torch.int8), q.view(torch.int8))
+    assert torch.equal(qa.scale, s)
+    if with_residual:
+        assert torch.equal(got[1], plain[1])
+
+
+@pytest.mark.parametrize("T", [1, 17])
+@pytest.mark.parametrize("quant", QUANTS)
+def test_silu_mul_quant_equals_silu_mul_then_act_quant(dev, T, quant):
+    x = torch.randn(T, 2 * 1500, device=dev, dtype=ACT_DTYPE)
+    qa = dispatch.silu_mul_quant(x, *quant)
+    q, s = dispatch.act_quant(dispatch.silu_mul(x), quant[0], None, quant[1])
+    assert torch.equal(qa.q.view(torch.int8), q.view(torch.int8))
+    assert torch.equal(qa.scale, s) and qa.shape == (T, 1500)
+
+
+@pytest.mark.parametrize("wdtype", [torch.float8_e4m3fn, torch.int8])
+@pytest.mark.parametrize("T", [1, 40])
+def test_w8a8_gemm_takes_quantized_activation(dev, wdtype, T):
+    """A W8A8 GEMM given the producer's codes equals the GEMM that quantizes x itself (the
+    GEMV at T = 1, the tensor-core / cuBLAS paths above)."""
+    if wdtype != torch.int8 and not dispatch.fp8_mma_supported(dev):
+        pytest.skip("fp8 needs sm_89+")
+    gen = torch.Generator().manual_seed(T)
+    K, N = 512, 264
+    w = torch.randn(N, K, generator=gen)
+    qmax = 127.0 if wdtype == torch.int8 else 448.0
+    ws = w.abs().amax(1) / qmax
+    wq = (w / ws[:, None]).clamp(-qmax, qmax)
+    wq = (wq.round() if wdtype == torch.int8 else wq).to(wdtype).to(dev)
+    x = torch.randn(T, K, generator=gen).to(dev, ACT_DTYPE)
+    gemm = dispatch.int8_gemm if wdtype == torch.int8 else dispatch.fp8_scaled_mm
+    plain = gemm(x, wq, ws.to(dev))
+    qa = dispatch.QuantizedActivation(*dispatch.act_quant(x, wdtype), ACT_DTYPE)
+    fused = gemm(qa, wq, ws.to(dev))
+    assert fused.dtype == plain.dtype == ACT_DTYPE and torch.equal(fused, plain)

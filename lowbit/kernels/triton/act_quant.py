@@ -30,15 +30,23 @@ def _act_quant_kernel(
     k = g * GROUP + tl.arange(0, BLOCK)
     mask = (k < K) & (tl.arange(0, BLOCK) < GROUP)
     x = tl.load(x_ptr + m * stride_xm + k, mask=mask, other=0.0).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), axis=0), EPS)
-    scale = amax / QMAX
+    y, scale = quantize_block(x, QMAX, IS_INT, EPS)
+    tl.store(q_ptr + m * stride_qm + k, y.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + m * stride_sm + g, scale)
+
+
+@triton.jit
+def quantize_block(x, QMAX: tl.constexpr, IS_INT: tl.constexpr, EPS: tl.constexpr):
+    """(codes as float32, scale) of a 1-D float32 block (masked lanes 0): scale = absmax / QMAX;
+    int8 rounds half away from zero and saturates. Shared by the kernels that quantize their
+    own output (RMSNorm, SwiGLU), so theirs equal this kernel's codes bit for bit."""
+    scale = tl.maximum(tl.max(tl.abs(x), axis=0), EPS) / QMAX
     y = x / scale
-    if IS_INT:  # round half away from zero, saturate to the int8 range
+    if IS_INT:
         y = tl.clamp(tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5)), -128.0, 127.0)
     else:
         y = tl.clamp(y, -QMAX, QMAX)
-    tl.store(q_ptr + m * stride_qm + k, y.to(q_ptr.dtype.element_ty), mask=mask)
-    tl.store(s_ptr + m * stride_sm + g, scale)
+    return y, scale
 
 
 def act_quant(

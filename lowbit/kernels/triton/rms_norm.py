@@ -11,14 +11,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.dispatch import QuantizedActivation
+from lowbit.kernels.triton.act_quant import EPS, QMAX, quantize_block
 from lowbit.kernels.triton.common import pdl, pdl_enter
 
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, r_ptr, w_ptr, out_ptr, rout_ptr, N, eps,
+    x_ptr, r_ptr, w_ptr, out_ptr, rout_ptr, q_ptr, s_ptr, N, eps,
     stride_x, stride_r, stride_o, stride_ro,
-    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
+    IS_INT: tl.constexpr, EPS: tl.constexpr,
     PDL: tl.constexpr,
 ):  # fmt: skip
     pdl_enter(PDL)
@@ -33,16 +36,22 @@ def _rms_norm_kernel(
     var = tl.sum(xf * xf, axis=0) / N
     y = (xf * tl.rsqrt(var + eps)).to(x.dtype)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    tl.store(out_ptr + row * stride_o + cols, (w * y).to(out_ptr.dtype.element_ty), mask=mask)
+    out = (w * y).to(x.dtype)
+    if QUANT:  # per-token codes of the output, as act_quant would make them from it
+        q, scale = quantize_block(out.to(tl.float32), QMAX, IS_INT, EPS)
+        tl.store(q_ptr + row * stride_o + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+        tl.store(s_ptr + row, scale)
+    else:
+        tl.store(out_ptr + row * stride_o + cols, out, mask=mask)
 
 
-def rms_norm(
-    x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None
-) -> Tensor | tuple[Tensor, Tensor]:
+def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None, quant=None):
     """RMSNorm of x (…, N); with `residual`, normalize x + residual and also return the sum.
 
     x, residual  (…, N)   same dtype
     weight       (N,)
+    quant        None, or (dtype, qmax): the output quantized per token (int8 / float8_e4m3fn,
+                 scale = absmax / qmax) and returned as a dispatch.QuantizedActivation
     returns      out (…, N)  [, new residual (…, N)]
     """
     N = x.shape[-1]
@@ -50,18 +59,25 @@ def rms_norm(
     x2 = x.reshape(-1, N)
     assert x2.stride(-1) == 1, x.stride()
     M = x2.shape[0]
-    out = torch.empty_like(x2)
+    qdtype, qmax = quant or (None, None)
+    out = torch.empty(M, N, dtype=qdtype or x.dtype, device=x.device)
+    scale = torch.empty(M, 1, dtype=torch.float32, device=x.device) if quant else out
     r2 = rout = x2
     if residual is not None:
         assert residual.shape == x.shape and residual.dtype == x.dtype, residual.shape
         r2 = residual.reshape(-1, N)
         rout = torch.empty_like(x2)
     block = triton.next_power_of_2(N)
-    _rms_norm_kernel[(M,)](
-        x2, r2, weight, out, rout, N, eps,
-        x2.stride(0), r2.stride(0), out.stride(0), rout.stride(0),
-        HAS_RESIDUAL=residual is not None, BLOCK=block,
-        **pdl(x2.device), num_warps=min(16, max(1, block // 512)),
-    )  # fmt: skip
-    out = out.reshape(x.shape)
+    if M:
+        _rms_norm_kernel[(M,)](
+            x2, r2, weight, out, rout, out, scale, N, eps,
+            x2.stride(0), r2.stride(0), out.stride(0), rout.stride(0),
+            HAS_RESIDUAL=residual is not None, BLOCK=block, QUANT=quant is not None,
+            QMAX=float(qmax or QMAX.get(qdtype, 1.0)), IS_INT=qdtype == torch.int8, EPS=EPS,
+            **pdl(x2.device), num_warps=min(16, max(1, block // 512)),
+        )  # fmt: skip
+    if quant is None:
+        out = out.reshape(x.shape)
+    else:
+        out = QuantizedActivation(out.reshape(x.shape), scale.reshape(*x.shape[:-1], 1), x.dtype)
     return out if residual is None else (out, rout.reshape(x.shape))

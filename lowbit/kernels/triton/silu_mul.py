@@ -1,4 +1,5 @@
-"""SwiGLU activation: silu(gate) · up from the fused gate_up output, in one pass."""
+"""SwiGLU activation: silu(gate) · up from the fused gate_up output, in one pass; optionally
+quantized per token for a W8A8 down projection in the same pass."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.dispatch import QuantizedActivation
+from lowbit.kernels.triton.act_quant import EPS, QMAX, quantize_block
 from lowbit.kernels.triton.common import pdl, pdl_enter
 
 BLOCK = 1024
@@ -20,21 +23,62 @@ def _silu_mul_kernel(
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
-    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
-    up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0)
+    tl.store(out_ptr + row * stride_o + cols, _swiglu(x_ptr + row * stride_x, cols, mask, n_cols),
+             mask=mask)  # fmt: skip
+
+
+@triton.jit
+def _swiglu(x_row, cols, mask, n_cols):
+    """silu(gate) · up of one row's columns, in the input dtype."""
+    gate = tl.load(x_row + cols, mask=mask, other=0.0)
+    up = tl.load(x_row + n_cols + cols, mask=mask, other=0.0)
     g = gate.to(tl.float32)
     act = (g / (1.0 + tl.exp(-g))).to(gate.dtype)  # torch's silu rounds to the input dtype
-    tl.store(out_ptr + row * stride_o + cols, act * up, mask=mask)
+    return act * up
 
 
-def silu_mul(x: Tensor) -> Tensor:
-    """x (…, 2·I) = [gate | up] → silu(gate) · up (…, I)."""
+@triton.jit
+def _silu_mul_quant_kernel(
+    x_ptr, q_ptr, s_ptr, n_cols, stride_x, stride_q,
+    BLOCK: tl.constexpr, QMAX: tl.constexpr, IS_INT: tl.constexpr, EPS: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    # one program a row: the per-token scale needs the whole row
+    pdl_enter(PDL)
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    h = _swiglu(x_ptr + row * stride_x, cols, mask, n_cols)
+    q, scale = quantize_block(h.to(tl.float32), QMAX, IS_INT, EPS)
+    tl.store(q_ptr + row * stride_q + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    tl.store(s_ptr + row, scale)
+
+
+def silu_mul(x: Tensor, quant=None):
+    """x (…, 2·I) = [gate | up] → silu(gate) · up (…, I).
+
+    quant  None, or (dtype, qmax): the result quantized per token (int8 / float8_e4m3fn,
+           scale = absmax / qmax), returned as a dispatch.QuantizedActivation
+    """
     two_i = x.shape[-1]
     assert two_i % 2 == 0, x.shape
     I = two_i // 2  # noqa: E741
     x2 = x.reshape(-1, two_i)
     assert x2.stride(-1) == 1, x.stride()
     M = x2.shape[0]
+    if quant is not None:
+        qdtype, qmax = quant
+        q = torch.empty(M, I, dtype=qdtype, device=x.device)
+        scale = torch.empty(M, 1, dtype=torch.float32, device=x.device)
+        block = triton.next_power_of_2(I)
+        if M:
+            _silu_mul_quant_kernel[(M,)](
+                x2, q, scale, I, x2.stride(0), q.stride(0), BLOCK=block,
+                QMAX=float(qmax or QMAX[qdtype]), IS_INT=qdtype == torch.int8, EPS=EPS,
+                **pdl(x2.device), num_warps=min(16, max(1, block // 512)),
+            )  # fmt: skip
+        lead = x.shape[:-1]
+        return QuantizedActivation(q.reshape(*lead, I), scale.reshape(*lead, 1), x.dtype)
     out = torch.empty(M, I, dtype=x.dtype, device=x.device)
     if M:
         _silu_mul_kernel[(M, triton.cdiv(I, BLOCK))](

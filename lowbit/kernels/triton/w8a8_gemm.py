@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.dispatch import QuantizedActivation
 from lowbit.kernels.triton.act_quant import act_quant
 from lowbit.kernels.triton.common import pdl, pdl_enter
 from lowbit.kernels.triton.w8a8_gemv import w8a8_gemv
@@ -104,7 +105,8 @@ def w8a8_gemm(
 ) -> Tensor:
     """x @ dequant(W)^T (+ bias), x quantized to W's dtype per token (or by a static scale).
 
-    x             (..., K)   bf16 / fp16
+    x             (..., K)   bf16 / fp16, or a dispatch.QuantizedActivation of W's dtype (codes
+                             and per-token scales from the producing kernel: used as they are)
     weight        (N, K)     int8 or float8_e4m3fn, per output channel (or per tensor) scale
     weight_scale  (N,) / (N, 1) / () / (1,)   float32
     input_scale   () / (1,)  float32 static per-tensor scale, or None for dynamic per token
@@ -120,12 +122,18 @@ def w8a8_gemm(
     assert ws.numel() in (1, N), weight_scale.shape
     ws = ws.expand(N).contiguous() if ws.numel() == 1 else ws
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K).contiguous()
-    M = x2.shape[0]
     is_int = weight.dtype == torch.int8
-    if input_scale is None:
+    if isinstance(x, QuantizedActivation):
+        assert x.q.dtype == weight.dtype and input_scale is None, (x.q.dtype, weight.dtype)
+        xq, xs = x.rows()
+        M = xq.shape[0]
+    elif input_scale is None:
+        x2 = x.reshape(-1, K).contiguous()
+        M = x2.shape[0]
         xq, xs = act_quant(x2, weight.dtype, None, qmax)  # (M, K), (M, 1)
     else:
+        x2 = x.reshape(-1, K).contiguous()
+        M = x2.shape[0]
         s = input_scale.reshape(()).float()
         lo, hi = (-128.0, 127.0) if is_int else (-448.0, 448.0)
         y = (x2.float() / s).round() if is_int else x2.float() / s

@@ -72,6 +72,21 @@ class W8A8Scheme:
         self.sizes = sizes
         swap_params(layer, ["weight_scale", "input_scale"], **new)
 
+    def fused_input_quant(self) -> tuple[torch.dtype, float] | None:
+        """(dtype, qmax) of the per-token dynamic activation quantization that the producing
+        kernel may do instead of this GEMM (`Linear.input_quant`); None when the inputs are
+        static, per tensor, per group, SmoothQuant-scaled or unquantized."""
+        act = self.act
+        if act is None or act.mode != "dynamic_token" or self.spec.pre_quant_scale:
+            return None
+        if isinstance(self.spec.granularity, PerBlock):
+            return None
+        if self.weight_dtype == torch.int8:
+            return torch.int8, float(act.qmax or 127.0)
+        if self.weight_dtype == torch.float8_e4m3fn and act.dtype == "fp8_e4m3":
+            return torch.float8_e4m3fn, float(act.qmax or 448.0)
+        return None
+
     def apply(self, layer, x: Tensor, bias: Tensor | None) -> Tensor:
         """Per shard when static input scales differ, else one GEMM."""
         if self.spec.pre_quant_scale:
