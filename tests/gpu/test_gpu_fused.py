@@ -112,4 +112,6 @@ def test_w8a8_gemm_takes_quantized_activation(dev, wdtype, T):
     plain = gemm(x, wq, ws.to(dev))
     qa = dispatch.QuantizedActivation(*dispatch.act_quant(x, wdtype), ACT_DTYPE)
     fused = gemm(qa, wq, ws.to(dev))
-    assert fused.dtype == plain.dtype == ACT_DTYPE and torch.equal(fused, plain)
+    # the same codes and scales: equal up to the GEMM's own run-to-run rounding (cuBLASLt may
+    # choose another algorithm); a wrong scale or code would be off by far more
+    assert fused.dtype == plain.dtype == ACT_DTYPE and rel_err(fused, plain) < 1e-3
