@@ -272,7 +272,9 @@ def fp8_scaled_mm(
         if isinstance(x, QuantizedActivation):
             return x.reference_gemm(weight, weight_scale, bias)
         return _reference("fp8_scaled_mm")(x, weight, weight_scale, input_scale, bias)
-    if use_triton(x.device) and x.numel() // x.shape[-1] <= FP8_TRITON_MAX_M:
+    N, K = weight.shape
+    small = x.numel() // K <= FP8_TRITON_MAX_M
+    if use_triton(x.device) and (small or N % 16 or K % 16):  # cuBLASLt FP8: N, K % 16 == 0
         return _triton("w8a8_gemm", "w8a8_gemm")(x, weight, weight_scale, input_scale, bias)
     return _fp8_cublas(x, weight, weight_scale, input_scale, bias)
 
