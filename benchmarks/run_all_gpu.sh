@@ -1,16 +1,20 @@
 #!/usr/bin/env bash
-# One device call: GPU tests, then the benchmarks; logs and JSON land in $OUT (≤ 8 files).
-#   bash benchmarks/run_all_gpu.sh [tests] [decode] [gemm] [throughput]   (default: all four)
-# Carry `.whl` when pytest is missing there (pytest, pluggy, iniconfig, pygments wheels).
+# GPU tests, then the benchmarks; logs and JSON land in $OUT (≤ 8 files).
+#   bash benchmarks/run_all_gpu.sh [tests|tests-a|tests-b] [decode] [gemm] [throughput]
+# (default: tests decode gemm throughput). The whole GPU suite (409 tests) takes ~13 minutes on
+# an H100, more than one 10-minute device call: run `tests-a` (attention, engine, fixtures, fp4,
+# fused, gemm, splitk; ~7 min) and `tests-b` (gemv, online, quantize, w8a8_gemv; ~5.5 min) in
+# two calls, then the benchmarks.
+# Carry `.whl` (pytest, pluggy, iniconfig, pygments and torchao wheels): installed when present.
 set -o pipefail
 OUT=${OUT:-benchmarks/results/run}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 PY=python3
 STAGES=${*:-tests decode gemm throughput}
-if ! $PY -c "import pytest" 2>/dev/null && ls .whl/pytest-*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
-    .whl/pytest-*.whl .whl/pluggy-*.whl .whl/iniconfig-*.whl .whl/pygments-*.whl
+if ls .whl/*.whl >/dev/null 2>&1; then  # carried wheels: pytest & co., torchao (online tests)
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+    .whl/*.whl
   export PYTHONPATH=$PYTHONPATH:/tmp/site
 fi
 {
@@ -21,8 +25,15 @@ torch.version.cuda, 'triton', triton.__version__, 'transformers', transformers._
 for stage in $STAGES; do
   echo "=== $stage $(date -u +%T)"
   case $stage in
-    tests) timeout ${TESTS_TIMEOUT:-180} $PY -m pytest -q -m gpu tests/gpu -p no:cacheprovider -rfE 2>&1 \
-             | tee "$OUT/tests.log" | tail -40 ;;
+    tests|tests-a|tests-b)
+      files=tests/gpu
+      [ "$stage" = tests-a ] && files="tests/gpu/test_gpu_attention.py tests/gpu/test_gpu_engine.py
+        tests/gpu/test_gpu_fixtures.py tests/gpu/test_gpu_fp4.py tests/gpu/test_gpu_fused.py
+        tests/gpu/test_gpu_gemm.py tests/gpu/test_gpu_splitk.py"
+      [ "$stage" = tests-b ] && files="tests/gpu/test_gpu_gemv.py tests/gpu/test_gpu_online.py
+        tests/gpu/test_gpu_quantize.py tests/gpu/test_gpu_w8a8_gemv.py"
+      timeout ${TESTS_TIMEOUT:-570} $PY -m pytest -q -m gpu $files -p no:cacheprovider -rfE 2>&1 \
+        | tee "$OUT/$stage.log" | tail -40 ;;
     gemm) timeout ${GEMM_TIMEOUT:-150} $PY benchmarks/bench_gemm.py --out "$OUT" ${GEMM_ARGS:-} 2>&1 | tee "$OUT/gemm.log" \
             | grep -v "^{" ;;
     decode) timeout ${DECODE_TIMEOUT:-240} $PY benchmarks/bench_decode.py --out "$OUT" ${DECODE_ARGS:-} 2>&1 \
