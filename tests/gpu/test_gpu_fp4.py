@@ -132,6 +132,8 @@ CASES = [  # path, M, N, K, config
     ("mma", 128, 136, 512, None),  # K a multiple of bk
     ("mma", 129, 200, 224, None),
     ("mma", 33, 72, 1056, {"bm": 32, "bn": 32, "bk": 32, "swap": 0, "group_m": 2}),
+    ("mma", 17, 200, 1056, {"split": 4}),  # split-K: 17 K tiles in 4 splits, the last partial
+    ("mma", 64, 136, 512, {"split": 3}),  # 8 K tiles in 3 splits of 3, 3, 2
 ]
 
 
@@ -214,7 +216,7 @@ def test_bad_config(dev):
     with pytest.raises(ValueError, match="unknown fp4 GEMV config keys"):
         _run(dev, x, w, bs, rs, 16, config={"path": "gemv", "block_w": 32})
     with pytest.raises(ValueError, match="unknown fp4 MMA config keys"):
-        _run(dev, x, w, bs, rs, 16, config={"path": "mma", "split": 2})
+        _run(dev, x, w, bs, rs, 16, config={"path": "mma", "waves": 2})
 
 
 @pytest.mark.parametrize("path", ["gemv", "mma"])
@@ -236,3 +238,18 @@ def test_graph_replay(dev, path):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, fp4_gemm(args[0] * 0.5, *args[1:], config=cfg))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_mma_split_k_finish(dev, monkeypatch, fused):
+    """MMA split-K: summed by the tile's last split (fused) or by the reduce launch, the same
+    result within fp32 summation order; the arrival counters end at zero."""
+    from lowbit.kernels.triton import common
+
+    monkeypatch.setattr(common, "FUSED_SPLITK", fused)
+    x, w, bs, rs, bias = _operands("nvfp4", 40, 264, 1024, 3)
+    ref = reference.fp4_gemm(x.float(), w, _ref_scale(bs, rs), 16, None, bias.float())
+    one = _run(dev, x, w, bs, rs, 16, bias, config={"path": "mma", "split": 1})
+    split = _run(dev, x, w, bs, rs, 16, bias, config={"path": "mma", "split": 4})
+    assert rel_err(split, ref) < TOL and rel_err(split, one.double()) < TOL
+    assert all(int(c.abs().sum()) == 0 for c in common._COUNTERS.get(str(dev), []))

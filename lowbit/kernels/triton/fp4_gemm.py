@@ -75,16 +75,21 @@ def _gemv_config(M: int, N: int, K: int, **over) -> tuple[int, int, int, int, in
 
 
 def _mma_config(M: int, N: int, K: int, G: int) -> dict[str, int]:
-    """Default launch config of the MMA path: bm, bn, bk, warps, stages, group_m, swap.
+    """Default launch config of the MMA path: bm, bn, bk, warps, stages, group_m, swap, split.
 
     The tiles of `wna16_tiled._tiled_config` (swap=1: the decoded tile is wgmma's register A
-    operand); bk is a multiple of G so a K tile holds whole scale groups.
+    operand); bk is a multiple of G so a K tile holds whole scale groups. `split` > 1 splits K
+    over that many programs a tile (fp32 partials, summed by the tile's last split): for small
+    M, where the tiles alone leave most SMs idle (e.g. M = 64, N = 4096: 32 tiles on 132 SMs).
+    Not measured yet, so 1 by default (a `bench_gemm.py` probe: "nvfp4:mma,split=4").
     """
     bk = max(64, G)
     if M >= 64:
-        return {"bm": 128, "bn": 128, "bk": bk, "warps": 8, "stages": 3, "group_m": 8, "swap": 1}
+        return {"bm": 128, "bn": 128, "bk": bk, "warps": 8, "stages": 3, "group_m": 8, "swap": 1,
+                "split": 1}  # fmt: skip
     bm = max(16, triton.next_power_of_2(M))
-    return {"bm": bm, "bn": 128, "bk": bk, "warps": 4, "stages": 4, "group_m": 8, "swap": 1}
+    return {"bm": bm, "bn": 128, "bk": bk, "warps": 4, "stages": 4, "group_m": 8, "swap": 1,
+            "split": 1}  # fmt: skip
 
 
 @triton.jit
@@ -203,19 +208,22 @@ def _fp4_gemv_kernel(
 
 @triton.jit
 def _fp4_mma_kernel(
-    x_ptr, w_ptr, s_ptr, rs_ptr, b_ptr, out_ptr, M, N, KW,
-    stride_xm, stride_wn, stride_sn, stride_om,
+    x_ptr, w_ptr, s_ptr, rs_ptr, b_ptr, out_ptr, y_ptr, cnt_ptr, M, N, KW,
+    stride_xm, stride_wn, stride_sn, stride_os, stride_om, stride_ym,
     GROUP: tl.constexpr, MX: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    SWAP: tl.constexpr, K_TILES: tl.constexpr, EVEN_K: tl.constexpr,
+    SWAP: tl.constexpr, K_TILES: tl.constexpr, EVEN_K: tl.constexpr, SPLIT_K: tl.constexpr,
+    FUSED: tl.constexpr, FINISH_BIAS: tl.constexpr, WARPS: tl.constexpr,
     PDL: tl.constexpr,
 ):  # fmt: skip
     pdl_enter(PDL)
     # SWAP accumulates acc^T (BN, BM) += W x^T: on Hopper the decoded tile is then wgmma's A
     # operand, which may come from registers, and a small M becomes the MMA's N (see
     # wna16_tiled.py). Grouped ordering: GROUP_M row tiles sweep N together (L2 reuse of W).
+    # SPLIT_K > 1: program_id(1) takes every SPLIT_K-th part of K and writes fp32 partials to
+    # out_ptr (split, M, N); the tile's last split sums them into y (FUSED), else a reduce launch
     BKW: tl.constexpr = BLOCK_K // 8
-    dt = out_ptr.dtype.element_ty
+    dt = y_ptr.dtype.element_ty
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -225,7 +233,10 @@ def _fp4_mma_kernel(
         acc = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)
     else:
         acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
-    for kt in range(K_TILES):  # K % G == 0 and G divides BLOCK_K: masks at whole groups
+    TILES_PER: tl.constexpr = (K_TILES + SPLIT_K - 1) // SPLIT_K
+    k_lo = tl.program_id(1) * TILES_PER
+    # K % G == 0 and G divides BLOCK_K: masks at whole groups
+    for kt in range(k_lo, tl.minimum(k_lo + TILES_PER, K_TILES)):
         kw = kt * BKW + tl.arange(0, BKW)
         rk = kt * BLOCK_K + tl.arange(0, BLOCK_K)
         x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]  # (BM, BK)
@@ -247,8 +258,12 @@ def _fp4_mma_kernel(
         acc = acc * tl.load(rs_ptr + rn, mask=n_mask, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + rm[:, None] * stride_om + rn[None, :]
-    tl.store(out, acc.to(dt), mask=m_mask[:, None] & n_mask[None, :])
+    out = out_ptr + tl.program_id(1) * stride_os + rm[:, None] * stride_om + rn[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if FUSED:
+        splitk_last(out_ptr, y_ptr, b_ptr, cnt_ptr, tl.program_id(0), M, N, pid_m * BLOCK_M,
+                    pid_n * BLOCK_N, stride_os, stride_om, stride_ym, SPLIT_K, BLOCK_M, BLOCK_N,
+                    FINISH_BIAS, WARPS)  # fmt: skip
 
 
 def _gemv(x2, w32, sb, rs, bias, G, mx, out_dtype, over) -> Tensor:
@@ -292,17 +307,27 @@ def _mma(x2, w32, sb, rs, bias, G, mx, out_dtype, over) -> Tensor:
     assert min(bm, bn, bk) >= 16 and all(t & (t - 1) == 0 for t in (bm, bn, bk)), (
         f"tile {bm}x{bn}x{bk}: powers of two ≥ 16 (tl.dot)"
     )
-    out = torch.empty(M, N, dtype=out_dtype, device=x2.device)
+    k_tiles = triton.cdiv(KW, bk // 8)
+    split = max(1, min(cfg["split"], k_tiles))
+    split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no empty split
+    out = splitk_buffer(split, M, N, out_dtype, x2.device)
+    tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
+    counters = splitk_counters(x2.device, tiles) if split > 1 else None
+    y = torch.empty(M, N, dtype=out_dtype, device=x2.device) if split > 1 else out[0]
     dummy = w32  # never read when the flag that needs it is off
-    _fp4_mma_kernel[(triton.cdiv(M, bm) * triton.cdiv(N, bn),)](
+    _fp4_mma_kernel[(tiles, split)](
         x2, w32, sb, rs if rs is not None else dummy, bias if bias is not None else dummy, out,
-        M, N, KW, x2.stride(0), w32.stride(0), sb.stride(0), out.stride(0),
-        GROUP=G, MX=mx, HAS_ROW_SCALE=rs is not None, HAS_BIAS=bias is not None,
+        y, counters if counters is not None else dummy, M, N, KW, x2.stride(0), w32.stride(0),
+        sb.stride(0), out.stride(0), out.stride(1), y.stride(0),
+        GROUP=G, MX=mx, HAS_ROW_SCALE=rs is not None, HAS_BIAS=bias is not None and split == 1,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["group_m"], SWAP=bool(cfg["swap"]),
-        K_TILES=triton.cdiv(KW, bk // 8), EVEN_K=KW % (bk // 8) == 0,
+        K_TILES=k_tiles, EVEN_K=KW % (bk // 8) == 0, SPLIT_K=split, FUSED=counters is not None,
+        FINISH_BIAS=bias is not None, WARPS=cfg["warps"],
         **pdl(out.device), num_warps=cfg["warps"], num_stages=cfg["stages"],
     )  # fmt: skip
-    return out
+    if split > 1 and counters is None:
+        return splitk_finish(out, bias, out_dtype)
+    return y
 
 
 def fp4_gemm(
