@@ -137,9 +137,15 @@ def _dequant_tile(w_ptr, s_ptr, rn, kw, n_mask, stride_wn, stride_sn, KW, GROUP:
     else:
         w = tl.load(w_ptrs, eviction_policy=EVICT)
         b = tl.load(s_ptrs)
-    sh = 28 - 4 * tl.arange(0, 8)  # nibble i of a word → bits 28-31
-    v = _e2m1_f32(w[:, :, None], sh[None, None, :])  # (BN, BKW, 8)
-    v = v * _scale_f32(b.to(tl.int32), MX)[:, :, None]
+    sc = _scale_f32(b.to(tl.int32), MX)  # (BN, BKW)
+    # code i of every word, scaled, as (BN, BKW) tiles; joined so that the 8 values of a word
+    # lie in one thread in k order (join adds a last axis: pairs differ in i's top bit first),
+    # which the reshape to (BN, 8·BKW) keeps without moving data
+    j0 = tl.join(_e2m1_f32(w, 28) * sc, _e2m1_f32(w, 12) * sc)  # codes 0, 4
+    j1 = tl.join(_e2m1_f32(w, 24) * sc, _e2m1_f32(w, 8) * sc)  # 1, 5
+    j2 = tl.join(_e2m1_f32(w, 20) * sc, _e2m1_f32(w, 4) * sc)  # 2, 6
+    j3 = tl.join(_e2m1_f32(w, 16) * sc, _e2m1_f32(w, 0) * sc)  # 3, 7
+    v = tl.join(tl.join(j0, j2), tl.join(j1, j3))  # [p, q, r] = code 4p + 2q + r
     return tl.reshape(v, (w.shape[0], w.shape[1] * 8))  # column 8j + i = k
 
 
