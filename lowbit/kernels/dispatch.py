@@ -216,10 +216,14 @@ class QuantizedActivation:
 FUSE_ACT_QUANT = os.environ.get("LOWBIT_FUSE_ACT_QUANT", "1") != "0"
 
 
-def fuses_act_quant(device: torch.device) -> bool:
-    """Whether norms and SwiGLU quantize their outputs for a W8A8 consumer here (the Triton
-    kernels; elsewhere the GEMM quantizes, with the same numbers)."""
-    return FUSE_ACT_QUANT and use_triton(device)
+def fuses_act_quant(device: torch.device, qdtype: torch.dtype) -> bool:
+    """Whether norms and SwiGLU quantize their outputs to `qdtype` for a W8A8 consumer here:
+    with the Triton kernels, and for fp8 only where the GEMM is an FP8 one (sm_89+; Triton has
+    no e4m3 conversion below, and the reference GEMM quantizes by itself). Elsewhere the GEMM
+    quantizes, with the same numbers."""
+    if not (FUSE_ACT_QUANT and use_triton(device)):
+        return False
+    return qdtype == torch.int8 or fp8_mma_supported(device)
 
 
 def rms_norm_quant(x, weight, eps, residual, qdtype, qmax):

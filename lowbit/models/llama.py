@@ -74,7 +74,7 @@ class DecoderMLP(nn.Module):
         """x (T, hidden) → (T, hidden)."""
         h = self.gate_up_proj(x)  # (T, 2I)
         quant = self.down_proj.input_quant()
-        if quant is not None and dispatch.fuses_act_quant(h.device):  # W8A8 down_proj
+        if quant is not None and dispatch.fuses_act_quant(h.device, quant[0]):  # W8A8 down_proj
             return self.down_proj(dispatch.silu_mul_quant(h, *quant))
         return self.down_proj(dispatch.silu_mul(h))  # (T, I) → (T, hidden)
 

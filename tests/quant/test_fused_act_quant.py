@@ -54,7 +54,7 @@ def test_fused_plumbing_gives_the_unfused_logits(name, tmp_path, monkeypatch):
     seen = []
     with lowbit.Engine(model_path=str(model_dir), dtype="float32", device="cpu") as engine:
         plain = engine.logits(ids)
-        monkeypatch.setattr(dispatch, "fuses_act_quant", lambda device: True)
+        monkeypatch.setattr(dispatch, "fuses_act_quant", lambda device, qdtype: True)
         monkeypatch.setattr(dispatch.QuantizedActivation, "reference_gemm", _counting(seen))
         fused = engine.logits(ids)
     assert seen, "no layer took a quantized activation"
@@ -69,3 +69,17 @@ def _counting(seen):
         return real(self, *args)
 
     return reference_gemm
+
+
+def test_fusion_only_where_the_gemm_quantizes_the_same_way(monkeypatch):
+    """No fusion on the CPU; fp8 fusion only on GPUs with FP8 GEMMs (sm_89+), int8 on any
+    Triton device; LOWBIT_FUSE_ACT_QUANT=0 (FUSE_ACT_QUANT) turns it off."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert not dispatch.fuses_act_quant(cpu, torch.int8)
+    monkeypatch.setattr(dispatch, "use_triton", lambda device: True)
+    for cap, fp8 in (((8, 0), False), ((9, 0), True)):
+        monkeypatch.setattr(dispatch, "capability", lambda index=0, _c=cap: _c)
+        assert dispatch.fuses_act_quant(cuda, torch.int8)
+        assert dispatch.fuses_act_quant(cuda, torch.float8_e4m3fn) == fp8
+    monkeypatch.setattr(dispatch, "FUSE_ACT_QUANT", False)
+    assert not dispatch.fuses_act_quant(cuda, torch.int8)
