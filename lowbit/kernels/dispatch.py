@@ -1,7 +1,9 @@
 """The one place that picks a kernel: Triton / torch built-ins on CUDA, the reference elsewhere.
 
 Every op here has the signature of its reference in `lowbit.kernels.reference` (the CPU path and
-the tests' oracle); schemes and layers call these and never branch on the device themselves.
+the tests' oracle) or, where a kernel fuses several (`rms_norm_quant`, `silu_mul_quant`) or reads
+a stored layout the reference does not (`fp4_gemm`), builds its CPU result from those references;
+schemes and layers call these and never branch on the device themselves.
 Triton is imported lazily, so CPU-only installs never need it. `LOWBIT_DISABLE_TRITON=1` forces
 the reference path everywhere (for bisecting a numerical difference).
 """
