@@ -1,8 +1,8 @@
 """The one place that picks a kernel: Triton / torch built-ins on CUDA, the reference elsewhere.
 
 Every op here has the signature of its reference in `lowbit.kernels.reference` (the CPU path and
-the tests' oracle) or, where a kernel fuses several (`rms_norm_quant`, `silu_mul_quant`) or reads
-a stored layout the reference does not (`fp4_gemm`), builds its CPU result from those references;
+the tests' oracle) or, where a kernel fuses several (`rms_norm` and `silu_mul` with `quant`) or
+reads a stored layout the reference does not (`fp4_gemm`), builds its CPU result from them;
 schemes and layers call these and never branch on the device themselves.
 Triton is imported lazily, so CPU-only installs never need it. `LOWBIT_DISABLE_TRITON=1` forces
 the reference path everywhere (for bisecting a numerical difference).
@@ -16,6 +16,8 @@ import os
 
 import torch
 from torch import Tensor
+
+from lowbit.kernels.codes import e8m0_decode
 
 
 @functools.cache
@@ -165,8 +167,7 @@ def fp4_gemm(
             x, weight, block_scale, row_scale, group_size, bias, mx,
             input_scale=input_scale, divisor=divisor,
         )  # fmt: skip
-    codes = importlib.import_module("lowbit.kernels.codes")
-    bs = codes.e8m0_decode(block_scale) if mx else block_scale.float()
+    bs = e8m0_decode(block_scale) if mx else block_scale.float()
     if row_scale is not None:
         bs = bs * row_scale[:, None]
     return _reference("fp4_gemm")(x, weight, bs, group_size, input_scale, bias, divisor=divisor)
@@ -177,7 +178,7 @@ def fp4_gemm(
 
 class QuantizedActivation:
     """Activations the producing kernel already quantized per token (RMSNorm or SwiGLU with a
-    quantized output, `rms_norm_quant` / `silu_mul_quant`): codes q (…, K) in the GEMM's
+    quantized output, `rms_norm` / `silu_mul` with `quant`): codes q (…, K) in the GEMM's
     8-bit dtype and float32 scales (…, 1). A W8A8 GEMM with dynamic per-token inputs takes them
     instead of quantizing again; `dtype` is the unquantized activations' (the GEMM's output)."""
 
@@ -202,16 +203,6 @@ class QuantizedActivation:
         K = self.q.shape[-1]
         return self.q.reshape(-1, K), self.scale.reshape(-1, 1)
 
-    def reference_gemm(self, weight: Tensor, weight_scale: Tensor, bias: Tensor | None):
-        """(q · scale) @ (weight · weight_scale)^T in float32, cast to `dtype`: the reference
-        W8A8 product of these codes (the reference GEMMs would quantize their input again)."""
-        N = weight.shape[0]
-        ws = weight_scale.float().reshape(-1)
-        w = weight.float() * (ws.reshape(N, 1) if ws.numel() == N else ws.reshape(1, 1))
-        x = self.q.float() * self.scale.float()
-        y = _reference("dense_gemm")(x, w, bias)
-        return y.to(self.dtype)
-
 
 # Norms and SwiGLU quantize their outputs for W8A8 consumers (LOWBIT_FUSE_ACT_QUANT=0: the
 # GEMMs quantize, one more launch each; benchmarks flip FUSE_ACT_QUANT).
@@ -226,24 +217,6 @@ def fuses_act_quant(device: torch.device, qdtype: torch.dtype) -> bool:
     if not (FUSE_ACT_QUANT and use_triton(device)):
         return False
     return qdtype == torch.int8 or fp8_mma_supported(device)
-
-
-def rms_norm_quant(x, weight, eps, residual, qdtype, qmax):
-    """`rms_norm` whose output is quantized per token to `qdtype` (absmax / `qmax`) in the same
-    kernel: a QuantizedActivation (and the new residual when `residual` is given)."""
-    if use_triton(x.device):
-        return _triton("rms_norm", "rms_norm")(x, weight, eps, residual, quant=(qdtype, qmax))
-    out = _reference("rms_norm")(x, weight, eps, residual)
-    if residual is None:
-        return _quantized(out, qdtype, qmax)
-    return _quantized(out[0], qdtype, qmax), out[1]
-
-
-def silu_mul_quant(x: Tensor, qdtype: torch.dtype, qmax: float) -> QuantizedActivation:
-    """`silu_mul` with its output quantized per token in the same kernel."""
-    if use_triton(x.device):
-        return _triton("silu_mul", "silu_mul")(x, quant=(qdtype, qmax))
-    return _quantized(_reference("silu_mul")(x), qdtype, qmax)
 
 
 def _quantized(y: Tensor, qdtype: torch.dtype, qmax: float) -> QuantizedActivation:
@@ -275,8 +248,8 @@ def fp8_scaled_mm(
     float32; input_scale None → dynamic per-token activations, else a static per-tensor scale.
     """
     if not fp8_mma_supported(x.device):
-        if isinstance(x, QuantizedActivation):
-            return x.reference_gemm(weight, weight_scale, bias)
+        if isinstance(x, QuantizedActivation):  # the reference would quantize again
+            return _reference("w8a8_codes_gemm")(x.q, x.scale, weight, weight_scale, bias, x.dtype)
         return _reference("fp8_scaled_mm")(x, weight, weight_scale, input_scale, bias)
     N, K = weight.shape
     small = x.numel() // K <= FP8_TRITON_MAX_M
@@ -347,19 +320,28 @@ def int8_gemm(
     """INT8 W8A8: per-channel int8 weight, per-token dynamic (or static) int8 activations."""
     if use_triton(x.device):
         return _triton("w8a8_gemm", "w8a8_gemm")(x, weight, weight_scale, input_scale, bias, qmax)
-    if isinstance(x, QuantizedActivation):
-        return x.reference_gemm(weight, weight_scale, bias)
+    if isinstance(x, QuantizedActivation):  # the reference would quantize again
+        return _reference("w8a8_codes_gemm")(x.q, x.scale, weight, weight_scale, bias, x.dtype)
     return _reference("int8_gemm")(x, weight, weight_scale, input_scale, bias, qmax)
 
 
 # ---- fused elementwise (decode-path launch count) ----
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None):
-    """RMSNorm (with the residual add fused when `residual` is given)."""
+def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None, quant=None):
+    """RMSNorm (with the residual add fused when `residual` is given). `quant` is a W8A8
+    consumer's (dtype, qmax) (`Linear.input_quant`): where `fuses_act_quant`, the output is
+    quantized per token in the same kernel and comes as a QuantizedActivation."""
+    if quant is not None and not fuses_act_quant(x.device, quant[0]):
+        quant = None
     if use_triton(x.device):
-        return _triton("rms_norm", "rms_norm")(x, weight, eps, residual)
-    return _reference("rms_norm")(x, weight, eps, residual)
+        return _triton("rms_norm", "rms_norm")(x, weight, eps, residual, quant=quant)
+    out = _reference("rms_norm")(x, weight, eps, residual)
+    if quant is None:
+        return out
+    if residual is None:
+        return _quantized(out, *quant)
+    return _quantized(out[0], *quant), out[1]
 
 
 def rotary(positions: Tensor, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor):
@@ -369,11 +351,14 @@ def rotary(positions: Tensor, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor):
     return _reference("rotary")(positions, q, k, cos, sin)
 
 
-def silu_mul(x: Tensor) -> Tensor:
-    """[gate | up] (…, 2I) → silu(gate) · up (…, I)."""
+def silu_mul(x: Tensor, quant=None):
+    """[gate | up] (…, 2I) → silu(gate) · up (…, I); `quant` as in `rms_norm`."""
+    if quant is not None and not fuses_act_quant(x.device, quant[0]):
+        quant = None
     if use_triton(x.device):
-        return _triton("silu_mul", "silu_mul")(x)
-    return _reference("silu_mul")(x)
+        return _triton("silu_mul", "silu_mul")(x, quant=quant)
+    out = _reference("silu_mul")(x)
+    return out if quant is None else _quantized(out, *quant)
 
 
 # ---- paged attention (callers check `use_triton` and keep their torch path otherwise) ----

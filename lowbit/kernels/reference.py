@@ -141,6 +141,16 @@ def fp8_scaled_mm(
     return _finish(xq @ w.t(), bias, x.dtype)
 
 
+def w8a8_codes_gemm(
+    q: Tensor, scale: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, dtype
+) -> Tensor:
+    """The W8A8 product of activations already quantized per token (codes q (…, K), float32
+    scales (…, 1)) with a per-tensor/per-channel 8-bit weight, cast to `dtype`: what
+    `fp8_scaled_mm` / `int8_gemm` compute after quantizing their input."""
+    w = weight.float() * _channel_scale(weight_scale, weight.shape[0])  # (N, K)
+    return _finish((q.float() * scale.float()) @ w.t(), bias, dtype)
+
+
 def dequant_block(weight: Tensor, weight_scale: Tensor, block_size: tuple[int, int]) -> Tensor:
     """(N, K) codes with (ceil(N/bn), ceil(K/bk)) multipliers → float32 (N, K)."""
     bn, bk = block_size

@@ -22,6 +22,4 @@ class RMSNorm(nn.Module):
         `quant` is the consumer's `input_quant()` (a W8A8 linear's per-token activation dtype
         and qmax): where the kernels fuse it, the output comes quantized
         (a dispatch.QuantizedActivation)."""
-        if quant is not None and dispatch.fuses_act_quant(x.device, quant[0]):
-            return dispatch.rms_norm_quant(x, self.weight, self.eps, residual, *quant)
-        return dispatch.rms_norm(x, self.weight, self.eps, residual)
+        return dispatch.rms_norm(x, self.weight, self.eps, residual, quant)

@@ -73,10 +73,8 @@ class DecoderMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """x (T, hidden) → (T, hidden)."""
         h = self.gate_up_proj(x)  # (T, 2I)
-        quant = self.down_proj.input_quant()
-        if quant is not None and dispatch.fuses_act_quant(h.device, quant[0]):  # W8A8 down_proj
-            return self.down_proj(dispatch.silu_mul_quant(h, *quant))
-        return self.down_proj(dispatch.silu_mul(h))  # (T, I) → (T, hidden)
+        # a W8A8 down_proj gets its input quantized by SwiGLU (`Linear.input_quant`)
+        return self.down_proj(dispatch.silu_mul(h, self.down_proj.input_quant()))  # (T, I)
 
 
 class DecoderLayer(nn.Module):

@@ -45,8 +45,12 @@ def test_decode_attention(dev, monkeypatch, cache_dtype, splits, fused):
     """One query per sequence, lengths 1…300 (and 0 = padding row → zeros); split contexts
     merged by the last split of each head group (fused) or by the merge kernel."""
     from lowbit.kernels.triton import common
+    from lowbit.kernels.triton import paged_decode_attention as mod
 
     monkeypatch.setattr(common, "FUSED_SPLITK", fused)
+    got = []  # the counters the kernel was given: the fused merge ran iff there were any
+    monkeypatch.setattr(mod, "splitk_counters", lambda *a: got.append(common.splitk_counters(*a))
+                        or got[-1])  # fmt: skip
     gen = torch.Generator().manual_seed(0)
     seq_lens = [1, 17, 128, 129, 300, 0]
     kc, vc = _cache(dev, 64, cache_dtype, gen)
@@ -61,6 +65,7 @@ def test_decode_attention(dev, monkeypatch, cache_dtype, splits, fused):
     assert out.shape == q.shape
     assert rel_err(out[:-1], ref[:-1]) < 1e-2
     assert torch.all(out[-1] == 0)
+    assert [c is not None for c in got] == ([] if splits == 1 else [fused])
     # the merge put every arrival counter back to zero (else the next call merges early)
     assert all(int(c.abs().sum()) == 0 for c in common._COUNTERS.get(str(dev), []))
 

@@ -247,9 +247,14 @@ def test_mma_split_k_finish(dev, monkeypatch, fused):
     from lowbit.kernels.triton import common
 
     monkeypatch.setattr(common, "FUSED_SPLITK", fused)
+    reduces = []
+    real = common.splitk_finish
+    monkeypatch.setattr(common, "splitk_finish", lambda *a: reduces.append(1) or real(*a))
     x, w, bs, rs, bias = _operands("nvfp4", 40, 264, 1024, 3)
     ref = reference.fp4_gemm(x.float(), w, _ref_scale(bs, rs), 16, None, bias.float())
     one = _run(dev, x, w, bs, rs, 16, bias, config={"path": "mma", "split": 1})
+    assert reduces == []  # unsplit: the kernel writes the result
     split = _run(dev, x, w, bs, rs, 16, bias, config={"path": "mma", "split": 4})
+    assert reduces == ([] if fused else [1]), "the split was summed on the wrong path"
     assert rel_err(split, ref) < TOL and rel_err(split, one.double()) < TOL
     assert all(int(c.abs().sum()) == 0 for c in common._COUNTERS.get(str(dev), []))

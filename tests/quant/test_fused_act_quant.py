@@ -13,7 +13,7 @@ import torch
 from tiny import make_tokenizer
 
 import lowbit
-from lowbit.kernels import dispatch
+from lowbit.kernels import dispatch, reference
 from lowbit.quant.schemes.w8a8_fp8 import FP8Scheme
 from lowbit.quant.schemes.w8a8_int8 import Int8Scheme
 from lowbit.quant.spec import ActQuant, PerBlock, PerChannel, PerTensor, QuantSpec
@@ -55,20 +55,20 @@ def test_fused_plumbing_gives_the_unfused_logits(name, tmp_path, monkeypatch):
     with lowbit.Engine(model_path=str(model_dir), dtype="float32", device="cpu") as engine:
         plain = engine.logits(ids)
         monkeypatch.setattr(dispatch, "fuses_act_quant", lambda device, qdtype: True)
-        monkeypatch.setattr(dispatch.QuantizedActivation, "reference_gemm", _counting(seen))
+        monkeypatch.setattr(reference, "w8a8_codes_gemm", _counting(seen))
         fused = engine.logits(ids)
     assert seen, "no layer took a quantized activation"
     assert torch.allclose(fused, plain, rtol=1e-4, atol=1e-4), (fused - plain).abs().max()
 
 
 def _counting(seen):
-    real = dispatch.QuantizedActivation.reference_gemm
+    real = reference.w8a8_codes_gemm
 
-    def reference_gemm(self, *args):
-        seen.append(self.q.dtype)
-        return real(self, *args)
+    def w8a8_codes_gemm(q, *args):
+        seen.append(q.dtype)
+        return real(q, *args)
 
-    return reference_gemm
+    return w8a8_codes_gemm
 
 
 def test_fusion_only_where_the_gemm_quantizes_the_same_way(monkeypatch):

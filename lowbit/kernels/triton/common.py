@@ -86,6 +86,45 @@ def splitk_counters(device: torch.device, tiles: int) -> Tensor | None:
     return bufs[-1]
 
 
+class SplitKOutputs:
+    """Where one split-K launch writes, and how its result is read.
+
+    `part`: (1, M, N) in the output dtype when K is not split (the kernel writes the result,
+    bias included), else (split, M, N) fp32 partials; `out`: the (M, N) result; `fused`: the
+    tile's last split sums the partials into `out` in the kernel (`splitk_last` with
+    `counters`), else `result` sums them in a second launch. `counters` is a placeholder
+    (`part`, never read) when not fused, so it can always be passed to the kernel."""
+
+    def __init__(self, split: int, M: int, N: int, dtype: torch.dtype, device, tiles: int):
+        self.part = splitk_buffer(split, M, N, dtype, device)
+        counters = splitk_counters(device, tiles) if split > 1 else None
+        self.fused = counters is not None
+        self.counters = counters if self.fused else self.part
+        self.out = torch.empty(M, N, dtype=dtype, device=device) if self.fused else self.part[0]
+
+    def result(self, bias: Tensor | None) -> Tensor:
+        """The (M, N) result (the partials summed, + bias, when the kernel did not)."""
+        if self.fused or self.part.shape[0] == 1:
+            return self.out
+        return splitk_finish(self.part, bias, self.out.dtype)
+
+
+@triton.jit
+def arrive_last(cnt_ptr, tile, SPLIT: tl.constexpr):
+    """Count this program's arrival at `tile` and say whether it is the last of the SPLIT to
+    arrive (the semaphore pattern: a CTA barrier after the program's stores, then one acq_rel
+    atomic at GPU scope: release for this CTA's stores, acquire for the others'). The last one
+    must `reset_arrivals` when done, so the counter is 0 for the next launch."""
+    tl.debug_barrier()
+    return tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
+
+
+@triton.jit
+def reset_arrivals(cnt_ptr, tile):
+    """Put `tile`'s arrival counter back to 0 (by the last program, after its work)."""
+    tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
 @triton.constexpr_function
 def _finish_cols(split_p2, rows, cols, warps):
     """Columns the last program sums at a time: ≤ 32 partial values a thread in registers."""
@@ -103,14 +142,9 @@ def splitk_last(part_ptr, out_ptr, bias_ptr, cnt_ptr, tile, M, N, row0, col0,
     """The end of every program of a split-K kernel, after it stored its fp32 partial block
     part[pid_k, row0 : row0 + BLOCK_M, col0 : col0 + BLOCK_N]: the program counts its arrival
     at the tile's counter; the last of the SPLIT to arrive sums the tile's partials in split
-    order (deterministic), adds the bias, writes out[rows, cols] and puts the counter back to 0.
-
-    The counting is the semaphore pattern: a CTA barrier after the partial stores, then one
-    acq_rel atomic at GPU scope (release for this CTA's stores, acquire for the others'); the
-    partials are read at L2 (.cg), never from a stale L1 line."""
-    tl.debug_barrier()
-    arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    if arrived == SPLIT - 1:
+    order (deterministic), adds the bias, writes out[rows, cols] and puts the counter back to 0
+    (`arrive_last`). The partials are read at L2 (.cg), never from a stale L1 line."""
+    if arrive_last(cnt_ptr, tile, SPLIT):
         SP: tl.constexpr = triton.next_power_of_2(SPLIT)
         CB: tl.constexpr = _finish_cols(SP, BLOCK_M, BLOCK_N, WARPS)
         rs = tl.arange(0, SP)
@@ -130,7 +164,7 @@ def splitk_last(part_ptr, out_ptr, bias_ptr, cnt_ptr, tile, M, N, row0, col0,
                 y += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
             o = out_ptr + rm[:, None] * stride_om + rn[None, :]
             tl.store(o, y.to(out_ptr.dtype.element_ty), mask=mn)
-        tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+        reset_arrivals(cnt_ptr, tile)
 
 
 @triton.jit

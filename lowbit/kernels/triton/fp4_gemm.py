@@ -36,12 +36,10 @@ from torch import Tensor
 
 from lowbit.kernels import reference
 from lowbit.kernels.triton.common import (
+    SplitKOutputs,
     grouped_tile,
     pdl,
     pdl_enter,
-    splitk_buffer,
-    splitk_counters,
-    splitk_finish,
     splitk_last,
 )
 
@@ -280,22 +278,20 @@ def _gemv(x2, w32, sb, rs, bias, G, mx, out_dtype, over) -> Tensor:
     bn, bk, per_split, warps, stages = _gemv_config(M, N, K, **over)
     split = triton.cdiv(triton.cdiv(K, bk), per_split)
     even = N % bn == 0 and K == split * per_split * bk
-    out = splitk_buffer(split, M, N, out_dtype, x2.device)
     tiles = triton.cdiv(N, bn)
-    counters = splitk_counters(x2.device, tiles) if split > 1 else None
-    y = torch.empty(M, N, dtype=out_dtype, device=x2.device) if counters is not None else out[0]
+    o = SplitKOutputs(split, M, N, out_dtype, x2.device, tiles)
     dummy = w32  # never read when the flag that needs it is off
     _fp4_gemv_kernel[(tiles, split)](
-        x2, w32, sb, rs if rs is not None else dummy, bias if bias is not None else dummy, out,
-        y, counters if counters is not None else dummy, M, N, KW,
-        x2.stride(0), w32.stride(0), sb.stride(0), out.stride(0), out.stride(1), y.stride(0),
+        x2, w32, sb, rs if rs is not None else dummy, bias if bias is not None else dummy,
+        o.part, o.out, o.counters, M, N, KW, x2.stride(0), w32.stride(0), sb.stride(0),
+        o.part.stride(0), o.part.stride(1), o.out.stride(0),
         GROUP=G, MX=mx, HAS_ROW_SCALE=rs is not None, HAS_BIAS=bias is not None and split == 1,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, PER_SPLIT=per_split,
-        EVEN=even, STAGES=stages, SPLIT=split, FUSED=counters is not None,
+        EVEN=even, STAGES=stages, SPLIT=split, FUSED=o.fused,
         FINISH_BIAS=bias is not None, WARPS=warps,
-        **pdl(out.device), num_warps=warps, num_stages=stages,
+        **pdl(x2.device), num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    return y if counters is not None else splitk_finish(out, bias, out_dtype)
+    return o.result(bias)
 
 
 def _mma(x2, w32, sb, rs, bias, G, mx, out_dtype, over) -> Tensor:
@@ -316,24 +312,20 @@ def _mma(x2, w32, sb, rs, bias, G, mx, out_dtype, over) -> Tensor:
     k_tiles = triton.cdiv(KW, bk // 8)
     split = max(1, min(cfg["split"], k_tiles))
     split = triton.cdiv(k_tiles, triton.cdiv(k_tiles, split))  # no empty split
-    out = splitk_buffer(split, M, N, out_dtype, x2.device)
     tiles = triton.cdiv(M, bm) * triton.cdiv(N, bn)
-    counters = splitk_counters(x2.device, tiles) if split > 1 else None
-    y = torch.empty(M, N, dtype=out_dtype, device=x2.device) if split > 1 else out[0]
+    o = SplitKOutputs(split, M, N, out_dtype, x2.device, tiles)
     dummy = w32  # never read when the flag that needs it is off
     _fp4_mma_kernel[(tiles, split)](
-        x2, w32, sb, rs if rs is not None else dummy, bias if bias is not None else dummy, out,
-        y, counters if counters is not None else dummy, M, N, KW, x2.stride(0), w32.stride(0),
-        sb.stride(0), out.stride(0), out.stride(1), y.stride(0),
+        x2, w32, sb, rs if rs is not None else dummy, bias if bias is not None else dummy,
+        o.part, o.out, o.counters, M, N, KW, x2.stride(0), w32.stride(0), sb.stride(0),
+        o.part.stride(0), o.part.stride(1), o.out.stride(0),
         GROUP=G, MX=mx, HAS_ROW_SCALE=rs is not None, HAS_BIAS=bias is not None and split == 1,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["group_m"], SWAP=bool(cfg["swap"]),
-        K_TILES=k_tiles, EVEN_K=KW % (bk // 8) == 0, SPLIT_K=split, FUSED=counters is not None,
+        K_TILES=k_tiles, EVEN_K=KW % (bk // 8) == 0, SPLIT_K=split, FUSED=o.fused,
         FINISH_BIAS=bias is not None, WARPS=cfg["warps"],
-        **pdl(out.device), num_warps=cfg["warps"], num_stages=cfg["stages"],
+        **pdl(x2.device), num_warps=cfg["warps"], num_stages=cfg["stages"],
     )  # fmt: skip
-    if split > 1 and counters is None:
-        return splitk_finish(out, bias, out_dtype)
-    return y
+    return o.result(bias)
 
 
 def fp4_gemm(

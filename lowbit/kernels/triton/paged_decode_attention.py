@@ -14,7 +14,13 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lowbit.kernels.triton.common import pdl, pdl_enter, splitk_counters
+from lowbit.kernels.triton.common import (
+    arrive_last,
+    pdl,
+    pdl_enter,
+    reset_arrivals,
+    splitk_counters,
+)
 
 BLOCK_N = 64  # context tokens per inner step
 TARGET_PROGRAMS = 264  # ~2 waves of 132 SMs (H100 SXM)
@@ -94,14 +100,12 @@ def _paged_decode_attention_kernel(
         tl.store(ml_ptr + row * 2, m_i, mask=g_mask)
         tl.store(ml_ptr + row * 2 + 1, l_i, mask=g_mask)
         if FUSED_MERGE:  # the last split of (b, hkv) to finish merges its group's heads
-            tl.debug_barrier()  # every thread's partials are stored before the arrival counts
             tile = b * tl.num_programs(1) + hkv
-            arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-            if arrived == NUM_SPLITS - 1:
+            if arrive_last(cnt_ptr, tile, NUM_SPLITS):
                 for gi in tl.static_range(GROUP):
                     _merge_head(part_ptr, ml_ptr, out_ptr, b, hkv * GROUP + gi, H, stride_ob,
                                 stride_oh, HEAD_DIM, BLOCK_D, NUM_SPLITS)  # fmt: skip
-                tl.atomic_xchg(cnt_ptr + tile, 0, sem="relaxed", scope="gpu")
+                reset_arrivals(cnt_ptr, tile)
 
 
 @triton.jit

@@ -18,7 +18,7 @@ from lowbit.kernels.triton.common import pdl, pdl_enter
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, r_ptr, w_ptr, out_ptr, rout_ptr, q_ptr, s_ptr, N, eps,
+    x_ptr, r_ptr, w_ptr, out_ptr, rout_ptr, s_ptr, N, eps,
     stride_x, stride_r, stride_o, stride_ro,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
     IS_INT: tl.constexpr, EPS: tl.constexpr,
@@ -37,12 +37,10 @@ def _rms_norm_kernel(
     y = (xf * tl.rsqrt(var + eps)).to(x.dtype)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     out = (w * y).to(x.dtype)
-    if QUANT:  # per-token codes of the output, as act_quant would make them from it
-        q, scale = quantize_block(out.to(tl.float32), QMAX, IS_INT, EPS)
-        tl.store(q_ptr + row * stride_o + cols, q.to(q_ptr.dtype.element_ty), mask=mask)
+    if QUANT:  # out_ptr takes the per-token codes, as act_quant would make them from `out`
+        out, scale = quantize_block(out.to(tl.float32), QMAX, IS_INT, EPS)
         tl.store(s_ptr + row, scale)
-    else:
-        tl.store(out_ptr + row * stride_o + cols, out, mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None, quant=None):
@@ -70,7 +68,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = No
     block = triton.next_power_of_2(N)
     if M:
         _rms_norm_kernel[(M,)](
-            x2, r2, weight, out, rout, out, scale, N, eps,
+            x2, r2, weight, out, rout, scale, N, eps,
             x2.stride(0), r2.stride(0), out.stride(0), rout.stride(0),
             HAS_RESIDUAL=residual is not None, BLOCK=block, QUANT=quant is not None,
             QMAX=float(qmax or QMAX.get(qdtype, 1.0)), IS_INT=qdtype == torch.int8, EPS=EPS,

@@ -22,11 +22,9 @@ import triton.language as tl
 from torch import Tensor
 
 from lowbit.kernels.triton.common import (
+    SplitKOutputs,
     pdl,
     pdl_enter,
-    splitk_buffer,
-    splitk_counters,
-    splitk_finish,
     splitk_last,
 )
 
@@ -155,22 +153,19 @@ def _gemv(xq, xs, weight, ws, bias, out_dtype, cfg) -> Tensor:
     bn, bk, per_split, warps, stages = cfg
     split = triton.cdiv(triton.cdiv(K, bk), per_split)
     even = N % bn == 0 and K == split * per_split * bk
-    out = splitk_buffer(split, M, N, out_dtype, xq.device)
     tiles = triton.cdiv(N, bn)
-    counters = splitk_counters(xq.device, tiles) if split > 1 else None
-    y = torch.empty(M, N, dtype=out_dtype, device=xq.device) if counters is not None else out[0]
+    o = SplitKOutputs(split, M, N, out_dtype, xq.device, tiles)
     scaled = xs is not None
-    dummy = out  # never read when the flag that needs it is off
+    dummy = o.part  # never read when the flag that needs it is off
     _w8a8_gemv_kernel[(tiles, split)](
         xq, weight, xs if scaled else dummy, ws if scaled else dummy,
-        bias if bias is not None else dummy, out, y,
-        counters if counters is not None else dummy, M, N, K,
-        xq.stride(0), weight.stride(0), xs.stride(0) if scaled else 0, out.stride(0), out.stride(1),
-        y.stride(0), IS_INT=xq.dtype == torch.int8, SCALED=scaled,
+        bias if bias is not None else dummy, o.part, o.out, o.counters, M, N, K,
+        xq.stride(0), weight.stride(0), xs.stride(0) if scaled else 0, o.part.stride(0),
+        o.part.stride(1), o.out.stride(0), IS_INT=xq.dtype == torch.int8, SCALED=scaled,
         HAS_BIAS=bias is not None and split == 1,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, PER_SPLIT=per_split,
-        EVEN=even, STAGES=stages, SPLIT=split, FUSED=counters is not None,
+        EVEN=even, STAGES=stages, SPLIT=split, FUSED=o.fused,
         FINISH_BIAS=bias is not None, WARPS=warps,
-        **pdl(out.device), num_warps=warps, num_stages=stages,
+        **pdl(xq.device), num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    return y if counters is not None else splitk_finish(out, bias, out_dtype)
+    return o.result(bias)

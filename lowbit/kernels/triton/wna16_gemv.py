@@ -28,12 +28,10 @@ import triton.language as tl
 from torch import Tensor
 
 from lowbit.kernels.triton.common import (
+    SplitKOutputs,
     and_or_f32,
     pdl,
     pdl_enter,
-    splitk_buffer,
-    splitk_counters,
-    splitk_finish,
     splitk_last,
 )
 from lowbit.kernels.triton.wna16_gemm import checked_rows
@@ -264,25 +262,21 @@ def wna16_gemv(
     assert G % chunk == 0 and chunk % block_k == 0 and (K // chunk) % per_split == 0
     split = K // chunk // per_split
     block_m = triton.next_power_of_2(max(M, 1))
-    out = splitk_buffer(split, M, N, x.dtype, x.device)
     grid = (triton.cdiv(N // P, block_w), split, triton.cdiv(M, block_m))
-    counters = splitk_counters(x.device, grid[0] * grid[2]) if split > 1 else None
-    y = x.new_empty(M, N) if counters is not None else out[0]
+    o = SplitKOutputs(split, M, N, x.dtype, x.device, grid[0] * grid[2])
     dummy = qweight  # never read when the flag that needs it is off
     _wna16_gemv_kernel[grid](
         x2, qweight, scales, qzeros if qzeros is not None else dummy,
-        bias if bias is not None else dummy, out, y,
-        counters if counters is not None else dummy,
+        bias if bias is not None else dummy, o.part, o.out, o.counters,
         M, N // P, K, per_split,
         x2.stride(0), qweight.stride(0), scales.stride(0),
-        qzeros.stride(0) if qzeros is not None else 0, out.stride(0), out.stride(1), y.stride(0),
+        qzeros.stride(0) if qzeros is not None else 0, o.part.stride(0), o.part.stride(1),
+        o.out.stride(0),
         GROUP=G, BITS=bits, HAS_ZERO=qzeros is not None,
         HAS_BIAS=bias is not None and split == 1, BLOCK_M=block_m, BLOCK_W=block_w,
         BLOCK_K=block_k, CHUNK=chunk, EVEN_W=(N // P) % block_w == 0, UNROLL=bool(unroll),
-        STAGES=stages, SPLIT=split, FUSED=counters is not None,
+        STAGES=stages, SPLIT=split, FUSED=o.fused,
         FINISH_BIAS=bias is not None, WARPS=warps,
-        **pdl(out.device), num_warps=warps, num_stages=stages,
+        **pdl(x.device), num_warps=warps, num_stages=stages,
     )  # fmt: skip
-    if counters is not None:
-        return y.reshape(*lead, N)
-    return splitk_finish(out, bias, x.dtype).reshape(*lead, N)
+    return o.result(bias).reshape(*lead, N)
