@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # GPU tests, then the benchmarks; logs and JSON land in $OUT (≤ 8 files).
 #   bash benchmarks/run_all_gpu.sh [tests|tests-a|tests-b] [decode] [gemm] [throughput]
-# (default: tests decode gemm throughput). The whole GPU suite (409 tests) takes ~13 minutes on
-# an H100, more than one 10-minute device call: run `tests-a` (attention, engine, fixtures, fp4,
-# fused, gemm, splitk; ~7 min) and `tests-b` (gemv, online, quantize, w8a8_gemv; ~5.5 min) in
-# two calls, then the benchmarks.
+# (default: tests decode gemm throughput). The whole GPU suite (409 tests) did not fit one
+# 10-minute device call on the H100 (run 9 of RESULTS.md: 319 tests in 570 s): run `tests-a`
+# (attention, engine, fixtures, fp4, fused, gemm, splitk) and `tests-b` (gemv, online,
+# quantize, w8a8_gemv) in two calls, then the benchmarks. The halves were sized from run 9's
+# partial runs (~7 and ~5.5 minutes estimated), not yet run as such.
 # Carry `.whl` (pytest, pluggy, iniconfig, pygments and torchao wheels): installed when present.
 set -o pipefail
 OUT=${OUT:-benchmarks/results/run}
