@@ -9,7 +9,9 @@ eager (same config, random bf16 weights, sdpa, DynamicCache), and torchao int4wo
 static cache under torch.compile (batch sizes --torchao-batches; skipped when torchao is not
 installed — carry its wheel to the lent machine).
 
-Variant names: `<scheme>[+eager][+nopdl][+cublas][+twolaunch][+unfusedq]`; `+nopdl` launches
+Variant names: `<scheme>[+eager][+nopdl][+cublas][+twolaunch][+unfusedq][+canonical]`;
+`+canonical` keeps int4 weights in the canonical layout and its GEMV / MMA kernels instead of
+the `mma16` layout's tensor-core kernel (LOWBIT_WNA16_MMA=0); `+nopdl` launches
 without programmatic dependent launch (lowbit.kernels.triton.common.PDL_ENABLED off, as
 LOWBIT_PDL=0 would), `+cublas` keeps unquantized linears on cuBLAS at M = 1
 (dispatch.GEMV16_MAX_M = 0), `+twolaunch` sums split-K partials (and attention splits) in a
@@ -75,6 +77,7 @@ def lowbit_decode_flags(variant: str):
         "cublas": (dispatch, "GEMV16_MAX_M", 0),
         "twolaunch": (common, "FUSED_SPLITK", False),
         "unfusedq": (dispatch, "FUSE_ACT_QUANT", False),
+        "canonical": (dispatch, "WNA16_MMA", False),
     }
     scheme, *flags = variant.split("+")
     if set(flags) - {"eager", *overrides}:

@@ -41,6 +41,10 @@ def _weights(scheme: str, N: int, K: int) -> tuple[dict, int]:
             "qzeros": torch.randint(-(2**31), 2**31 - 1, (K // 128, N // P), device=d,
                                     dtype=torch.int32),
         }  # fmt: skip
+        if bits == 4 and scheme.partition(":")[2].split(",")[0] == "mma16":  # its own layout
+            from lowbit.kernels.triton.wna16_mma import pack_mma16
+
+            w["qweight"] = pack_mma16(w["qweight"])
     elif scheme.split(":")[0] in ("fp8-row", "fp8-cublas", "fp8-triton", "fp8-tensor"):
         per_row = scheme != "fp8-tensor"
         w = {
@@ -72,7 +76,8 @@ def _call(scheme: str, x, w):
     """Run one GEMM. Probes: "w4a16:warps=8,stages=2" (tensor-core kernel launch config),
     "w4a16:gemv,block_w=32,block_k=64,chunk=128,warps=1,waves=8,stages=2,unroll=1" (GEMV
     config), "w4a16:tiled,bm=128,bn=128,bk=64,warps=8,stages=3,group_m=8,swap=1" (the tiled
-    GEMM, `wna16_gemm_tiled`; omitted keys keep its defaults), "w4a16-mma" (the tensor-core
+    GEMM, `wna16_gemm_tiled`; omitted keys keep its defaults), "w4a16:mma16,e=4,waves=16,
+    stages=1" (the small-M tensor-core kernel on its `mma16` layout), "w4a16-mma" (the tensor-core
     kernel at any M), "fp8-triton" (the split-K Triton W8A8 kernel); "fp8-triton:gemv,bn=16,
     bk=256,warps=4,waves=4" / "int8:mma,split=8" (W8A8 through one path with its config);
     "bf16-triton[:bn=16,bk=256,warps=4,stages=3,waves=8]" (the 16-bit GEMV, `gemv16`, M ≤ 2);
@@ -138,6 +143,10 @@ def _with_wna16_config(base: str, path: str, over: dict, x, w):
     import lowbit.kernels.triton.wna16_gemm as mod
 
     bits = 4 if base == "w4a16" else 8
+    if path == "mma16":  # the small-M tensor-core kernel on the pre-shuffled layout
+        from lowbit.kernels.triton.wna16_mma import wna16_mma_gemm
+
+        return wna16_mma_gemm(x, w["qweight"], w["scales"], w["qzeros"], 128, config=over)
     if path in ("gemv", "tiled"):
         if path == "gemv":
             from lowbit.kernels.triton.wna16_gemv import wna16_gemv as fn

@@ -143,6 +143,47 @@ def wna16_gemm(
     return _reference("wna16_gemm")(x, qweight, scales, qzeros, group_size, bits, bias, perm)
 
 
+# Int4 weights on CUDA (sm_80+) are stored in the `mma16` layout of triton/wna16_mma.py when
+# their shape allows (N % 64, K % 64, groups of a multiple of 64 rows): up to WNA16_MMA_MAX_M
+# rows run the tensor-core kernel on it, more rows dequantize once and take cuBLAS.
+# LOWBIT_WNA16_MMA=0 keeps the canonical layout and its kernels (an A/B switch).
+WNA16_MMA = os.environ.get("LOWBIT_WNA16_MMA", "1") != "0"
+WNA16_MMA_MAX_M = 64
+
+
+def wna16_mma_layout(device: torch.device, N: int, K: int, group_size: int, bits: int) -> bool:
+    """Whether an int4 weight of this shape is stored in the `mma16` layout on `device`."""
+    if not (WNA16_MMA and use_triton(device) and capability(device.index or 0) >= (8, 0)):
+        return False
+    return _triton("wna16_mma", "mma16_supported")(N, K, group_size, bits)
+
+
+def wna16_mma_gemm(
+    x: Tensor,
+    qmma: Tensor,
+    scales: Tensor,
+    qzeros: Tensor | None,
+    group_size: int,
+    bias: Tensor | None = None,
+    perm: Tensor | None = None,
+) -> Tensor:
+    """x @ dequant(W)^T for an int4 weight in the `mma16` layout (CUDA only, see
+    `wna16_mma_layout`): the small-M tensor-core kernel up to WNA16_MMA_MAX_M rows, else the
+    weight dequantized (triton/wna16_mma.dequant_mma16) and one dense GEMM."""
+    M = x.numel() // x.shape[-1]
+    if (
+        M <= WNA16_MMA_MAX_M
+        and x.dtype in (torch.float16, torch.bfloat16)
+        and x.dtype == scales.dtype
+    ):
+        fn = _triton("wna16_mma", "wna16_mma_gemm")
+        return fn(x, qmma, scales, qzeros, group_size, bias, perm)
+    w = _triton("wna16_mma", "dequant_mma16")(qmma, scales, qzeros, group_size)
+    if perm is not None:
+        x = x[..., perm]
+    return torch.nn.functional.linear(x, w.to(x.dtype), bias)
+
+
 # ---- FP4 (NVFP4 / MXFP4) weights ----
 
 

@@ -104,10 +104,18 @@ class WNA16Scheme:
             codes = codes[perm]
         if zeros is None and self.cbits != self.bits:
             zeros = torch.full_like(scales, 2 ** (self.bits - 1), dtype=torch.int32)
+        qweight = pack_int32(codes, self.cbits, dim=1)
+        K, N = codes.shape
+        # the small-M tensor-core kernel's own layout where it runs (CUDA, shapes it takes)
+        layer.wna16_mma = dispatch.wna16_mma_layout(qweight.device, N, K, self.group, self.cbits)
+        if layer.wna16_mma:
+            from lowbit.kernels.triton.wna16_mma import pack_mma16
+
+            qweight = pack_mma16(qweight)
         swap_params(
             layer,
             drop,
-            qweight=pack_int32(codes, self.cbits, dim=1),
+            qweight=qweight,
             scales=scales.to(layer.params_dtype).contiguous(),
             qzeros=None if zeros is None else pack_int32(zeros, self.cbits, dim=1),
             perm=perm,
@@ -197,13 +205,20 @@ class WNA16Scheme:
         """Weight-only GEMM over the canonical layout."""
         if self.spec.pre_quant_scale:
             x = x * layer.pre_quant_scale
+        if getattr(layer, "wna16_mma", False):
+            return dispatch.wna16_mma_gemm(
+                x, layer.qweight, layer.scales, layer.qzeros, self.group, bias, layer.perm
+            )
         return dispatch.wna16_gemm(
             x, layer.qweight, layer.scales, layer.qzeros, self.group, self.cbits, bias, layer.perm
         )
 
     def describe(self) -> str:
         """Scheme and kernel for `lowbit inspect`."""
-        return f"wna16 (int{self.bits}) → dispatch.wna16_gemm (Triton on CUDA, reference on CPU)"
+        return (
+            f"wna16 (int{self.bits}) → dispatch.wna16_gemm (Triton on CUDA, reference on CPU); "
+            "int4 on sm_80+ in the mma16 layout → dispatch.wna16_mma_gemm"
+        )
 
 
 def _any(layer, name: str) -> bool:

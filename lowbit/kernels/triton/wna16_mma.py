@@ -1,0 +1,506 @@
+"""Small-M W4A16 GEMM on the tensor cores (M ≤ 64): int4 weights pre-shuffled so that each
+thread's 32-bit word holds exactly its eight values of an m16n8k16 MMA A fragment.
+
+Why: the CUDA-core GEMV (`wna16_gemv.py`) spends ~3.2 sm_90 instructions a weight (shift,
+LOP3, FFMA and reductions) and cannot stream int4 weights at the memory rate; a conventional
+tiled MMA kernel spends more than that moving the dequantized tile into the MMA's operand
+layout. Here the weight is stored in the fragment order (`pack_mma16`, once at load), so a
+word is dequantized in registers with no data movement between threads:
+
+  r0 = lop3(w, 0x000F000F, MAGIC_LO)    nibbles 0, 4 as bf16 128 + q (fp16: 1024 + q)
+  r1 = lop3(w, 0x00F000F0, MAGIC_HI)    nibbles 1, 5 as 2048 + 16 q (fp16: 16384 + 16 q)
+  r2, r3: the same on w >> 8            nibbles 2, 6 and 3, 7
+  a_i = fma(r_i, 1 or 1/16, -(MAGIC + z))   exactly q - z
+  a_i = a_i · scale                      rounded once, as the reference's dequantized weight
+  mma.m16n8k16 (a0..a3, x fragment)      per 8 rows of x, fp32 accumulation
+
+which is 1 shift, 4 LOP3, 8 HFMA2 and one MMA per 8-row x tile for 8 weights (~1.6 a weight
+at M ≤ 8, against ~3.2 for the GEMV). The output columns of a fragment are the MMA's rows
+(swap AB: y^T = W x^T), so x's rows are the MMA's N: up to 8 per tile, MT tiles.
+
+Layout `mma16` of a (K, N) int4 weight W[n, k] = code q(k, n) (K % 16 == 0, N % 64 == 0):
+
+  qweight (N/64, K/16, 32, 4) int32: word [cg, ks, lane, j] is column tile n0 = 64 cg + 16 j,
+  rows k0 = 16 ks, lane = 4 g + c, nibble i = h + 2 kh + 4 kl holding W[n0 + g + 8 h,
+  k0 + 2 c + 8 kh + kl] — the PTX ISA's m16n8k16 A fragment (a0, a1: row g, columns 2c, 2c+1;
+  a2, a3: row g + 8; a4..a7: columns + 8), two values a register.
+
+A lane's 16 bytes are its words for the four column tiles of a 64-column group, so a warp reads
+512 contiguous bytes a load. Scales (K/G, N) and zeros (K/G, N/8) stay in the canonical layout
+(`wna16_gemm.py`), read once a group. A program is WARPS warps; each warp owns E column tiles
+(16 E columns: E = 4 for M ≤ 16, fewer at larger M to bound the accumulators) and one K range of
+whole groups. Splits of K write fp32 partials that the last program to finish sums
+(`common.splitk_last`). Needs mma.sync with bf16 (sm_80+); there is no interpreter path (inline
+PTX), so the CPU tests check the layout against an emulation of the fragments
+(`emulate_mma16`), and the GPU tests the kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from lowbit.kernels.triton.common import SplitKOutputs, pdl, pdl_enter, splitk_last
+
+NUM_SMS = 132
+MAX_M = 64
+
+
+def mma16_supported(N: int, K: int, group_size: int, bits: int) -> bool:
+    """Whether a weight can take the `mma16` layout: int4, N a multiple of 64, K of 16, and
+    groups of a multiple of 16 rows (or one group)."""
+    G = K if group_size in (-1, 0) else group_size
+    return bits == 4 and N % 64 == 0 and K % 64 == 0 and G % 64 == 0 and K % G == 0
+
+
+def pack_mma16(qweight: Tensor) -> Tensor:
+    """The canonical int4 qweight (K, N/8) int32 (nibble n % 8 of word n // 8) in the `mma16`
+    layout (N/64, K/16, 32, 4) int32; any device, pure tensor ops."""
+    K, NW = qweight.shape
+    N = NW * 8
+    assert qweight.dtype == torch.int32 and K % 64 == 0 and N % 64 == 0, (qweight.shape,)
+    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
+    codes = ((qweight[:, :, None] >> shifts) & 0xF).to(torch.uint8)  # (K, N/8, 8): (k, n)
+    w = codes.reshape(K, N).t()  # W[n, k]
+    # n = 64 cg + 16 j + 8 h + g,  k = 64 blk + 16 c + 4 s + 2 kh + kl  (step ks = 4 blk + s)
+    w = w.reshape(N // 64, 4, 2, 8, K // 64, 4, 4, 2, 2)  # cg j h g blk c s kh kl
+    w = w.permute(0, 4, 6, 3, 5, 1, 8, 7, 2)  # cg blk s g c j kl kh h  (nibble h + 2 kh + 4 kl)
+    w = w.reshape(N // 64, K // 16, 32, 4, 8)
+    words = torch.zeros(w.shape[:-1], dtype=torch.int32, device=qweight.device)
+    for i in range(8):  # int32 shifts wrap: nibble 7 lands in the sign bit
+        words |= w[..., i].to(torch.int32) << (4 * i)
+    return words
+
+
+def unpack_mma16(qmma: Tensor) -> Tensor:
+    """Inverse of `pack_mma16`: the canonical (K, N/8) int32 qweight."""
+    ncg, nks = qmma.shape[:2]
+    N, K = ncg * 64, nks * 16
+    shifts = torch.arange(0, 32, 4, device=qmma.device, dtype=torch.int32)
+    w = (qmma[..., None] >> shifts) & 0xF  # cg ks lane j nibble
+    w = w.reshape(ncg, nks // 4, 4, 8, 4, 4, 2, 2, 2)  # cg blk s g c j kl kh h
+    w = w.permute(0, 5, 8, 3, 1, 4, 2, 7, 6).reshape(N, K)  # cg j h g blk c s kh kl
+    codes = w.t().reshape(K, N // 8, 8).to(torch.int64)
+    words = (codes << (4 * torch.arange(8, device=qmma.device))).sum(-1)
+    return (words - ((words >> 31) << 32)).to(torch.int32)
+
+
+def _halves(v: Tensor, fp16: bool) -> tuple[Tensor, Tensor]:
+    """The two 16-bit floats (low, high) of int64 bit patterns v, as float64."""
+    dt = torch.float16 if fp16 else torch.bfloat16
+    lo = (v & 0xFFFF).to(torch.int32).to(torch.int16)  # wraps to the same 16 bits
+    hi = ((v >> 16) & 0xFFFF).to(torch.int32).to(torch.int16)
+    return lo.view(dt).double(), hi.view(dt).double()
+
+
+def emulate_mma16(x: Tensor, qmma: Tensor, scales: Tensor, qzeros: Tensor | None, G: int) -> Tensor:
+    """What the kernel computes, lane by lane in float64 (for the CPU tests of the layout and of
+    the asm's decode table): each lane's word goes through `_DECODE`'s bit operations into the
+    A fragment registers, which sit where the PTX ISA's m16n8k16 layout puts them; x enters by
+    the B fragment's k order, and the products are summed as the kernel's C fragments are."""
+    M, K = x.shape
+    fp16 = x.dtype == torch.float16
+    ncg = qmma.shape[0]
+    N = ncg * 64
+    y = torch.zeros(M, N, dtype=torch.float64)
+    lanes = torch.arange(32)
+    g, c = lanes // 4, lanes % 4
+    xd = x.double()
+    for cg in range(ncg):
+        for j in range(4):
+            n0 = 64 * cg + 16 * j
+            for ks in range(K // 16):
+                grp = (16 * ks) // G
+                w = qmma[cg, ks, :, j].to(torch.int64) & 0xFFFFFFFF  # (32,) one word a lane
+                a = torch.zeros(32, 16, 16, dtype=torch.float64)  # lane's view of A (row, col)
+                for i, (shift, mask, magic, mul) in enumerate(_DECODE[fp16]):
+                    row = g + 8 * (i % 2)  # r0 a0 a1 | r1 a2 a3 | r2 a4 a5 | r3 a6 a7
+                    n = n0 + row
+                    z = (
+                        torch.full((32,), 8.0, dtype=torch.float64)
+                        if qzeros is None
+                        else (
+                            ((qzeros[grp, n // 8].to(torch.int64) >> (4 * (n % 8))) & 0xF).double()
+                        )
+                    )
+                    nz = -(_OFFSET[fp16][i % 2] + z)
+                    halves = _halves(((w >> shift) & mask) | magic, fp16)
+                    for half, v in enumerate(halves):
+                        col = 2 * c + 8 * (i // 2) + half
+                        a[lanes, row, col] = (v * mul + nz) * scales[grp, n].double()
+                A = a.sum(0)  # each (row, col) is held by exactly one lane
+                # the MMA's k column 2 c + 8 kh + kl is row 64 blk + 16 c + 4 s + 2 kh + kl
+                kk = torch.arange(16)
+                rows = 64 * (ks // 4) + 16 * ((kk % 8) // 2) + 4 * (ks % 4) + 2 * (kk // 8) + kk % 2
+                for m in range(M):
+                    y[m, n0 : n0 + 16] += A @ xd[m, rows]
+    return y
+
+
+# How the asm turns a word into the A fragment's four registers (r0: a0 a1, r1: a2 a3, r2: a4 a5,
+# r3: a6 a7): r_i = fma(lop3(w >> shift, mask, magic), mul, nz) with nz = -(offset + zero) of
+# the register's row (r0, r2: row g, offset OFFSET[0]; r1, r3: row g + 8, OFFSET[1]). A code
+# at mantissa bits 0-3 under the magic 2^10 (fp16) / 2^7 (bf16) reads as magic + q exactly;
+# fp16's 10 mantissa bits also hold a code at bits 4-7 (magic + 16 q, hence mul 1/16), bf16's 7
+# do not (its bit 7 is the exponent's), so bf16 shifts instead. `emulate_mma16` runs this table.
+_DECODE = {
+    True: [(0, 0x000F000F, 0x64006400, 1.0), (0, 0x00F000F0, 0x64006400, 1 / 16),
+           (8, 0x000F000F, 0x64006400, 1.0), (8, 0x00F000F0, 0x64006400, 1 / 16)],
+    False: [(0, 0x000F000F, 0x43004300, 1.0), (4, 0x000F000F, 0x43004300, 1.0),
+            (8, 0x000F000F, 0x43004300, 1.0), (12, 0x000F000F, 0x43004300, 1.0)],
+}  # fmt: skip
+_OFFSET = {True: (1024.0, 64.0), False: (128.0, 128.0)}  # (rows g, rows g + 8)
+_HALF = {1.0: ("0x3C003C00", "0x3F803F80"), 1 / 16: ("0x2C002C00", "0x3D803D80")}
+
+
+@triton.constexpr_function
+def _mma_asm(MT, FP16):
+    """Inline PTX for one word: dequantize the A fragment (`_DECODE`), then MT MMAs (one per 8
+    rows of x). Operands: $0..$4MT-1 the accumulators out; then w, nz_lo, nz_hi (-(offset +
+    zero) twice, of the fragment's rows g and g + 8), the 2 MT x fragment registers and the 4 MT
+    accumulators in. The A fragment is q - z exactly; the group's scale multiplies the fp32
+    result."""
+    kind = "f16" if FP16 else "bf16"
+    o = 4 * MT
+    w, nzl, nzh = (f"${o + i}" for i in range(3))
+    b0 = o + 3
+    c0 = b0 + 2 * MT
+    lines = ["{", ".reg .b32 r0, r1, r2, r3, t0, t1, t2, t3, m0, m1, m2, m3;"]
+    for i in range(4):
+        shift, mask, magic, mul = _DECODE[bool(FP16)][i]
+        src = w
+        if shift:
+            lines.append(f"shr.u32 t{i}, {w}, {shift};")
+            src = f"t{i}"
+        lines.append(f"lop3.b32 r{i}, {src}, {mask:#010x}, {magic:#010x}, 0xEA;")
+        lines.append(f"mov.b32 m{i}, {_HALF[mul][0 if FP16 else 1]};")
+        lines.append(f"fma.rn.{kind}x2 r{i}, r{i}, m{i}, {nzl if i % 2 == 0 else nzh};")
+    for t in range(MT):
+        d = ", ".join(f"${4 * t + i}" for i in range(4))
+        c = ", ".join(f"${c0 + 4 * t + i}" for i in range(4))
+        b = f"${b0 + 2 * t}, ${b0 + 2 * t + 1}"
+        lines.append(
+            f"mma.sync.aligned.m16n8k16.row.col.f32.{kind}.{kind}.f32 "
+            f"{{{d}}}, {{r0, r1, r2, r3}}, {{{b}}}, {{{c}}};"
+        )
+    lines.append("}")
+    return "\n".join(lines)
+
+
+@triton.constexpr_function
+def _offset(FP16, hi):
+    return _OFFSET[bool(FP16)][hi]
+
+
+@triton.constexpr_function
+def _mma_constraints(MT):
+    return ",".join(["=f"] * (4 * MT) + ["r"] * (3 + 2 * MT) + ["f"] * (4 * MT))
+
+
+@triton.jit
+def _pair(v):
+    """16-bit floats v as int32 words holding v twice (a bf16x2 / f16x2 operand)."""
+    bits = v.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+    return bits | (bits << 16)
+
+
+# Every tensor of the kernel is (32,): element i lives in lane i (a 1-D tensor of one element a
+# thread has no other layout), which the MMA's fragments need; wider loads are inline PTX
+# vector loads with one output per register, never a Triton 2-D load whose layout might put
+# another lane's values in a thread.
+@triton.jit
+def _ld4(ptr, STREAM: tl.constexpr):
+    """Four consecutive 32-bit words at each lane's 16-byte aligned ptr (one 128-bit load)."""
+    if STREAM:  # weights: read once, no L1 allocation
+        asm: tl.constexpr = "ld.global.nc.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$4];"
+    else:
+        asm: tl.constexpr = "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];"
+    return tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,l", [ptr], dtype=(tl.int32,) * 4,
+                                     is_pure=True, pack=1)  # fmt: skip
+
+
+@triton.jit
+def _ld2(ptr):
+    """Two consecutive 32-bit words at each lane's 8-byte aligned ptr (weights, streamed)."""
+    return tl.inline_asm_elementwise(
+        "ld.global.nc.L1::no_allocate.v2.b32 {$0, $1}, [$2];", "=r,=r,l", [ptr],
+        dtype=(tl.int32,) * 2, is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _ld1(ptr):
+    """One 32-bit word at each lane's ptr (weights, streamed)."""
+    return tl.inline_asm_elementwise(
+        "ld.global.nc.L1::no_allocate.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
+        is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _words(ptr, E: tl.constexpr):
+    """A lane's E words of one k16 step (tuple)."""
+    if E == 4:
+        return _ld4(ptr, True)
+    elif E == 2:
+        return _ld2(ptr)
+    else:
+        return (_ld1(ptr),)
+
+
+@triton.jit
+def _x_block(x_ptr, xz_ptr, g, c, blk, M, stride_xm, MT: tl.constexpr):
+    """The x fragments of one 64-row block (4 k16 steps) for MT x tiles: lane 4 g + c reads
+    x[8 t + g, 64 blk + 16 c : + 16] (32 bytes, two vector loads; lanes of rows ≥ M read 32
+    zero bytes at xz_ptr instead); step s's fragment registers are words 2 s and 2 s + 1 of
+    them. A tuple of 8 MT."""
+    out = ()
+    for t in tl.static_range(MT):
+        m = t * 8 + g
+        p = tl.where(m < M, x_ptr + m * (stride_xm // 2) + blk * 32 + c * 8, xz_ptr)
+        lo = _ld4(p, False)
+        hi = _ld4(p + 4, False)
+        out = out + (lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3])
+    return out
+
+
+@triton.jit
+def _mma_step(w, nzl, nzh, xb, s: tl.constexpr, acc, MT: tl.constexpr,
+              FP16: tl.constexpr):  # fmt: skip
+    """acc (tuple of 4 MT accumulators) += one word a lane times MT x tiles: k16 step s of the
+    block whose fragments `_x_block` gave."""
+    bs = ()
+    for t in tl.static_range(MT):
+        bs = bs + (xb[8 * t + 2 * s], xb[8 * t + 2 * s + 1])
+    return tl.inline_asm_elementwise(
+        _mma_asm(MT, FP16), _mma_constraints(MT), (w, nzl, nzh) + bs + acc,
+        dtype=(tl.float32,) * (4 * MT), is_pure=True, pack=1,
+    )  # fmt: skip
+
+
+@triton.jit
+def _wna16_mma_kernel(
+    x_ptr, xz_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, y_ptr, cnt_ptr,
+    M, N, K, groups_per_split,
+    stride_xm, stride_sg, stride_zg, stride_os, stride_om, stride_ym,
+    GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, MT: tl.constexpr,
+    E: tl.constexpr, WARPS: tl.constexpr, STAGES: tl.constexpr, FP16: tl.constexpr,
+    SPLIT: tl.constexpr, FUSED: tl.constexpr, FINISH_BIAS: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    pdl_enter(PDL)
+    OFF_LO: tl.constexpr = _offset(FP16, 0)
+    OFF_HI: tl.constexpr = _offset(FP16, 1)
+    pid_n = tl.program_id(0)  # WARPS units of E column tiles of 16, one a warp
+    pid_k = tl.program_id(1)
+    idx = tl.arange(0, 32 * WARPS)  # element i: lane i % 32 of warp i // 32
+    lane = idx % 32
+    g = lane // 4
+    c = lane % 4
+    unit = pid_n * WARPS + idx // 32
+    cg = (unit * E) // 4
+    j0 = (unit * E) % 4
+    ksteps = K // 16
+    w_base = qw_ptr + (cg * ksteps * 32 + lane) * 4 + j0
+    zero = tl.zeros([32 * WARPS], tl.float32)
+    acc = (zero,) * (4 * MT * E)  # word e's tile t register i at 4 (MT e + t) + i
+    g_lo = pid_k * groups_per_split
+    for grp in tl.range(g_lo, g_lo + groups_per_split, num_stages=STAGES):
+        s_row = s_ptr + grp * stride_sg
+        z_row = z_ptr + grp * stride_zg
+        s_lo = ()
+        s_hi = ()
+        nzl = ()
+        nzh = ()
+        for e in tl.static_range(E):
+            n = cg * 64 + (j0 + e) * 16 + g  # the column of the fragment's row g (and + 8)
+            s_lo = s_lo + (tl.load(s_row + n).to(tl.float32),)
+            s_hi = s_hi + (tl.load(s_row + n + 8).to(tl.float32),)
+            if HAS_ZERO:
+                zl = ((tl.load(z_row + n // 8) >> (4 * (n % 8))) & 0xF).to(tl.float32)
+                zh = ((tl.load(z_row + n // 8 + 1) >> (4 * (n % 8))) & 0xF).to(tl.float32)
+            else:
+                zl = tl.full([32 * WARPS], 8.0, tl.float32)
+                zh = zl
+            nzl = nzl + (_pair((-(OFF_LO + zl)).to(s_ptr.dtype.element_ty)),)
+            nzh = nzh + (_pair((-(OFF_HI + zh)).to(s_ptr.dtype.element_ty)),)
+        part = (zero,) * (4 * MT * E)  # this group's Σ (q - z) x
+        for b in tl.static_range(GROUP // 64):
+            blk = grp * (GROUP // 64) + b
+            xb = _x_block(x_ptr, xz_ptr, g, c, blk, M, stride_xm, MT)
+            for s in tl.static_range(4):
+                ws = _words(w_base + (blk * 4 + s) * 128, E)
+                new = ()
+                for e in tl.static_range(E):
+                    mine = ()
+                    for i in tl.static_range(4 * MT):
+                        mine = mine + (part[4 * MT * e + i],)
+                    new = new + _mma_step(ws[e], nzl[e], nzh[e], xb, s, mine, MT, FP16)
+                part = new
+        scaled = ()
+        for r in tl.static_range(4 * MT * E):  # registers 0, 1: row g; 2, 3: row g + 8
+            if (r % 4) < 2:
+                scaled = scaled + (acc[r] + part[r] * s_lo[r // (4 * MT)],)
+            else:
+                scaled = scaled + (acc[r] + part[r] * s_hi[r // (4 * MT)],)
+        acc = scaled
+    # word e's tile t register i: column n (+ 8 for i ≥ 2), x row 8 t + 2 c + i % 2
+    for r in tl.static_range(4 * MT * E):
+        e = r // (4 * MT)
+        t = (r // 4) % MT
+        i = r % 4
+        m = t * 8 + 2 * c + (i % 2)
+        n = cg * 64 + (j0 + e) * 16 + g + 8 * (i // 2)
+        v = acc[r]
+        if HAS_BIAS:
+            v += tl.load(bias_ptr + n).to(tl.float32)
+        ptrs = out_ptr + pid_k * stride_os + m * stride_om + n
+        tl.store(ptrs, v.to(out_ptr.dtype.element_ty), mask=m < M)
+    if FUSED:  # the tile's last split sums the partials into y
+        splitk_last(out_ptr, y_ptr, bias_ptr, cnt_ptr, pid_n, M, N, 0, pid_n * WARPS * E * 16,
+                    stride_os, stride_om, stride_ym, SPLIT, 8 * MT, WARPS * E * 16, FINISH_BIAS,
+                    WARPS)  # fmt: skip
+
+
+_ZEROS: dict[str, Tensor] = {}
+
+
+def _zeros(device: torch.device) -> Tensor:
+    """32 zero bytes a device: what the lanes of x rows past M read (allocated once, before any
+    CUDA-graph capture: the engine runs every batch size eagerly first)."""
+    z = _ZEROS.get(str(device))
+    if z is None:
+        z = _ZEROS[str(device)] = torch.zeros(8, dtype=torch.int32, device=device)
+    return z
+
+
+def _config(M: int, N: int, K: int, G: int, **over) -> dict[str, int]:
+    """Launch config: x tiles `mt` (8 rows each), words a lane `e` (column tiles a warp),
+    `warps` a program (a unit of e column tiles each; they share the split-K finish), `waves`
+    of warps an SM the K splits aim at (whole groups, dividing evenly, at most `max_split`),
+    `stages` of the group loop."""
+    mt = triton.cdiv(M, 8)
+    mt = 1 << (mt - 1).bit_length()
+    # H100 probes (benchmarks/RESULTS.md run 10): one-warp programs of 2 column tiles and up to
+    # 16 splits at M ≤ 8 (qkv 10.8 µs, o 8.4, against the GEMV's 12.8 / 11.7); at larger M
+    # 4-warp programs and at most 4 splits, whose finish (one program summing the splits'
+    # M × 128 partials) was 10x slower with 32 splits at M = 16
+    if mt == 1:
+        c = {"e": 2, "warps": 1, "waves": 16, "max_split": 16, "stages": 1}
+    else:
+        c = {"e": 2 if mt == 2 else 8 // mt, "warps": 4, "waves": 8, "max_split": 4, "stages": 1}
+    if set(over) - set(c):
+        raise ValueError(
+            f"unknown wna16_mma config keys {sorted(set(over) - set(c))}; use {list(c)}"
+        )
+    c.update(over)
+    c["mt"] = mt
+    units = N // (16 * c["e"])
+    while units % c["warps"]:  # every warp of a program has a unit
+        c["warps"] //= 2
+    groups = K // G
+    want = max(1, min(c["max_split"], c["waves"] * NUM_SMS // units))
+    per = max(1, triton.cdiv(groups, want))
+    while groups % per:
+        per += 1
+    c["per_split"] = per
+    return c
+
+
+def wna16_mma_gemm(
+    x: Tensor,
+    qmma: Tensor,
+    scales: Tensor,
+    qzeros: Tensor | None,
+    group_size: int,
+    bias: Tensor | None = None,
+    perm: Tensor | None = None,
+    config: dict | None = None,
+) -> Tensor:
+    """y = x @ dequant(W)^T for up to MAX_M rows of bf16/fp16 x and an int4 weight in the
+    `mma16` layout (`pack_mma16`); scales (K/G, N), qzeros (K/G, N/8) or None (symmetric, zero
+    8), perm (act-order) as in `wna16_gemm.py`. `config` overrides `_config` (e, warps, waves,
+    max_split, stages) for tuning."""
+    ncg, nks = qmma.shape[:2]
+    N, K = ncg * 64, nks * 16
+    G = K if group_size in (-1, 0) else group_size
+    assert qmma.shape == (ncg, nks, 32, 4) and qmma.dtype == torch.int32 and qmma.is_contiguous()
+    assert x.shape[-1] == K and x.dtype in (torch.bfloat16, torch.float16), (x.shape, x.dtype)
+    assert scales.shape == (K // G, N) and scales.dtype == x.dtype and scales.stride(1) == 1
+    assert qzeros is None or (qzeros.shape == (K // G, N // 8) and qzeros.stride(1) == 1)
+    assert bias is None or bias.shape == (N,), bias.shape
+    assert G % 64 == 0 and K % G == 0, (G, K)
+    x2 = x.reshape(-1, K)
+    if perm is not None:
+        x2 = x2[:, perm]
+    x2 = x2.contiguous()
+    M = x2.shape[0]
+    if M == 0:
+        return x.new_empty(*x.shape[:-1], N)
+    assert M <= MAX_M, f"M={M}: wna16_mma_gemm is the small-M path (M ≤ {MAX_M})"
+    cfg = _config(M, N, K, G, **(config or {}))
+    e, mt, warps = cfg["e"], cfg["mt"], cfg["warps"]
+    split = (K // G) // cfg["per_split"]
+    grid = (N // (16 * e * warps), split)
+    o = SplitKOutputs(split, M, N, x.dtype, x.device, grid[0])
+    dummy = qmma
+    _wna16_mma_kernel[grid](
+        x2.view(torch.int32), _zeros(x.device), qmma, scales,
+        qzeros if qzeros is not None else dummy,
+        bias if bias is not None else dummy, o.part, o.out, o.counters,
+        M, N, K, cfg["per_split"],
+        x2.stride(0), scales.stride(0), qzeros.stride(0) if qzeros is not None else 0,
+        o.part.stride(0), o.part.stride(1), o.out.stride(0),
+        GROUP=G, HAS_ZERO=qzeros is not None, HAS_BIAS=bias is not None and split == 1,
+        MT=mt, E=e, WARPS=warps, STAGES=cfg["stages"], FP16=x.dtype == torch.float16,
+        SPLIT=split, FUSED=o.fused, FINISH_BIAS=bias is not None,
+        **pdl(x.device), num_warps=warps, num_stages=cfg["stages"],
+    )  # fmt: skip
+    return o.result(bias).reshape(*x.shape[:-1], N)
+
+
+@triton.jit
+def _dequant_mma16_kernel(qw_ptr, s_ptr, z_ptr, out_ptr, K, stride_sg, stride_zg, stride_on,
+                          GROUP: tl.constexpr, HAS_ZERO: tl.constexpr):  # fmt: skip
+    """One 64 × 64 tile of W (column group cg, 64-row block blk) from its 512 words (2 KiB,
+    contiguous): decode all 4096 codes in the layout's order (s, g, c, j, kl, kh, h), permute
+    to (j, h, g | c, s, kh, kl) = (n, k) and store the tile row by row."""
+    cg = tl.program_id(0)
+    blk = tl.program_id(1)
+    ws = tl.arange(0, 4)[:, None, None, None]  # k16 step within the block
+    wl = tl.arange(0, 32)[None, :, None, None]  # lane
+    wj = tl.arange(0, 4)[None, None, :, None]  # column tile
+    nib = tl.arange(0, 8)[None, None, None, :]
+    word = tl.load(qw_ptr + ((cg * (K // 16) + blk * 4 + ws) * 32 + wl) * 4 + wj)
+    q = (word >> (4 * nib)) & 0xF  # (4 s, 32 lane, 4 j, 8 nibble)
+    h = nib % 2
+    n = cg * 64 + wj * 16 + 8 * h + wl // 4  # (4, 32, 4, 8)
+    grp = (blk * 64) // GROUP
+    s = tl.load(s_ptr + grp * stride_sg + n).to(tl.float32)
+    if HAS_ZERO:
+        z = ((tl.load(z_ptr + grp * stride_zg + n // 8) >> (4 * (n % 8))) & 0xF).to(tl.float32)
+    else:
+        z = 8.0
+    v = ((q.to(tl.float32) - z) * s).to(out_ptr.dtype.element_ty)
+    # (s, g, c, j, kl, kh, h) → (j, h, g, c, s, kh, kl)
+    v = v.reshape(4, 8, 4, 4, 2, 2, 2)
+    v = tl.permute(v, (3, 6, 1, 2, 0, 5, 4)).reshape(64, 64)
+    rn = cg * 64 + tl.arange(0, 64)
+    rk = blk * 64 + tl.arange(0, 64)
+    tl.store(out_ptr + rn[:, None] * stride_on + rk[None, :], v)
+
+
+def dequant_mma16(qmma: Tensor, scales: Tensor, qzeros: Tensor | None, group_size: int) -> Tensor:
+    """The (N, K) weight in the scales' dtype from the `mma16` layout (the large-M path:
+    dequantize once, then a dense GEMM)."""
+    ncg, nks = qmma.shape[:2]
+    N, K = ncg * 64, nks * 16
+    G = K if group_size in (-1, 0) else group_size
+    out = torch.empty(N, K, dtype=scales.dtype, device=qmma.device)
+    _dequant_mma16_kernel[(ncg, K // 64)](
+        qmma, scales, qzeros if qzeros is not None else qmma, out, K, scales.stride(0),
+        qzeros.stride(0) if qzeros is not None else 0, out.stride(0), GROUP=G,
+        HAS_ZERO=qzeros is not None, num_warps=4,
+    )  # fmt: skip
+    return out
