@@ -382,12 +382,13 @@ def _config(M: int, N: int, K: int, G: int, **over) -> dict[str, int]:
     `stages` of the group loop."""
     mt = triton.cdiv(M, 8)
     mt = 1 << (mt - 1).bit_length()
-    # H100 probes (benchmarks/RESULTS.md run 10): one-warp programs of 2 column tiles and up to
-    # 16 splits at M ≤ 8 (qkv 10.8 µs, o 8.4, against the GEMV's 12.8 / 11.7); at larger M
-    # 4-warp programs and at most 4 splits, whose finish (one program summing the splits'
-    # M × 128 partials) was 10x slower with 32 splits at M = 16
+    # H100 probes (benchmarks/RESULTS.md run 10): one-warp programs of 2 column tiles, 32
+    # waves, up to 16 splits at M ≤ 8 (µs: qkv 10.3, o 8.3, gate_up 27.9, down 18.7, against
+    # the GEMV's 12.8 / 11.7 / 33.4 / 22.1); at larger M 4-warp programs and at most 4 splits,
+    # whose finish (one program summing the splits' M × 128 partials) was 10x slower with 32
+    # splits at M = 16
     if mt == 1:
-        c = {"e": 2, "warps": 1, "waves": 16, "max_split": 16, "stages": 1}
+        c = {"e": 2, "warps": 1, "waves": 32, "max_split": 16, "stages": 1}
     else:
         c = {"e": 2 if mt == 2 else 8 // mt, "warps": 4, "waves": 8, "max_split": 4, "stages": 1}
     if set(over) - set(c):
