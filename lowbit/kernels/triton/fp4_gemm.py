@@ -79,15 +79,19 @@ def _mma_config(M: int, N: int, K: int, G: int) -> dict[str, int]:
     operand); bk is a multiple of G so a K tile holds whole scale groups. `split` > 1 splits K
     over that many programs a tile (fp32 partials, summed by the tile's last split): for small
     M, where the tiles alone leave most SMs idle (e.g. M = 64, N = 4096: 32 tiles on 132 SMs).
-    Not measured yet, so 1 by default (a `bench_gemm.py` probe: "nvfp4:mma,split=4").
+    4 splits below 64 rows, and at 64 rows where the tiles fill less than the SMs: H100, run 10
+    of benchmarks/RESULTS.md (µs, 1 → 4 splits): M = 16 qkv 73 → 32, o 76 → 21, gate_up
+    120 → 93, down 278 → 60; M = 64 qkv 113 → 62, o 113 → 39, down 387 → 106, gate_up (224
+    tiles) 186 → 191, so 1 there.
     """
     bk = max(64, G)
     if M >= 64:
+        tiles = triton.cdiv(M, 128) * triton.cdiv(N, 128)
         return {"bm": 128, "bn": 128, "bk": bk, "warps": 8, "stages": 3, "group_m": 8, "swap": 1,
-                "split": 1}  # fmt: skip
+                "split": 4 if M <= 64 and tiles < NUM_SMS else 1}  # fmt: skip
     bm = max(16, triton.next_power_of_2(M))
     return {"bm": bm, "bn": 128, "bk": bk, "warps": 4, "stages": 4, "group_m": 8, "swap": 1,
-            "split": 1}  # fmt: skip
+            "split": 4}  # fmt: skip
 
 
 @triton.jit
