@@ -195,8 +195,8 @@ def w8a8_mma_gemv(
     o = SplitKOutputs(split, M, N, out_dtype, xq.device, grid[0])
     dummy = ws
     _w8a8_mma_kernel[grid](
-        xq, _zeros(xq.device).view(xq.dtype), weight, xs, ws,
-        bias if bias is not None else dummy, o.part, o.out, o.counters, M, N, K, cfg["per_split"],
+        xq, _zeros(xq.device).view(xq.dtype), weight, xs, ws, bias if bias is not None else dummy, o.part,
+        o.out, o.counters, M, N, K, cfg["per_split"],
         xq.stride(0), weight.stride(0), xs.stride(0), o.part.stride(0), o.part.stride(1),
         o.out.stride(0), IS_INT=xq.dtype == torch.int8,
         HAS_BIAS=bias is not None and split == 1, MT=cfg["mt"], WARPS=cfg["warps"],
