@@ -9,8 +9,7 @@ eager (same config, random bf16 weights, sdpa, DynamicCache), and torchao int4wo
 static cache under torch.compile (batch sizes --torchao-batches; skipped when torchao is not
 installed — carry its wheel to the lent machine).
 
-Variant names: `<scheme>[+eager][+nopdl][+cublas][+twolaunch][+unfusedq][+canonical][+w8gemv]`;
-`+w8gemv` keeps W8A8 at M ≤ 16 off the tensor-core GEMV (LOWBIT_W8A8_MMA=0);
+Variant names: `<scheme>[+eager][+nopdl][+cublas][+twolaunch][+unfusedq][+canonical]`;
 `+canonical` keeps int4 weights in the canonical layout and its GEMV / MMA kernels instead of
 the `mma16` layout's tensor-core kernel (LOWBIT_WNA16_MMA=0); `+nopdl` launches
 without programmatic dependent launch (lowbit.kernels.triton.common.PDL_ENABLED off, as
@@ -71,7 +70,7 @@ def _time_steps(runner, tok, lens: list[int], tables: list[list[int]], steps: in
 def lowbit_decode_flags(variant: str):
     """Apply a variant's `+nopdl` / `+cublas` flags for the block: yields (scheme, flags)."""
     from lowbit.kernels import dispatch
-    from lowbit.kernels.triton import common, w8a8_gemm
+    from lowbit.kernels.triton import common
 
     overrides = {
         "nopdl": (common, "PDL_ENABLED", False),
@@ -79,7 +78,6 @@ def lowbit_decode_flags(variant: str):
         "twolaunch": (common, "FUSED_SPLITK", False),
         "unfusedq": (dispatch, "FUSE_ACT_QUANT", False),
         "canonical": (dispatch, "WNA16_MMA", False),
-        "w8gemv": (w8a8_gemm, "W8A8_MMA", False),
     }
     scheme, *flags = variant.split("+")
     if set(flags) - {"eager", *overrides}:

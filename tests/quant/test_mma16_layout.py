@@ -62,17 +62,3 @@ def test_supported_shapes():
     assert not mma16_supported(4096, 4096, 128, 8)  # int8: the GEMV's
     assert not mma16_supported(4104, 4096, 128, 4)  # N not a multiple of 64
     assert not mma16_supported(4096, 4096, 32, 4)  # groups shorter than a 64-row block
-
-
-def test_w8a8_mma_fragment_k_mapping():
-    """The W8A8 tensor-core GEMV's byte → MMA k slot mapping covers every k once, the same for
-    weights and x: its emulation gives the exact integer product."""
-    from lowbit.kernels.triton.w8a8_mma import emulate, supported
-
-    gen = torch.Generator().manual_seed(4)
-    for M in (1, 5, 8, 11):
-        x = torch.randint(-127, 128, (M, 192), generator=gen)
-        w = torch.randint(-127, 128, (32, 192), generator=gen)
-        assert torch.equal(emulate(x, w), x.double() @ w.double().t())
-    assert supported(4096, 4096, 4096) and not supported(4104, 4096, 4096)
-    assert not supported(4096, 4100, 4100)

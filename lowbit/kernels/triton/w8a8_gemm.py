@@ -8,15 +8,12 @@ INT8 is the main path for every M; for FP8 it serves small M, where it beats tor
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from lowbit.kernels.dispatch import QuantizedActivation, capability
-from lowbit.kernels.triton import w8a8_mma
+from lowbit.kernels.dispatch import QuantizedActivation
 from lowbit.kernels.triton.act_quant import act_quant
 from lowbit.kernels.triton.common import pdl, pdl_enter
 from lowbit.kernels.triton.w8a8_gemv import w8a8_gemv
@@ -29,31 +26,9 @@ NUM_SMS = 132
 GEMV_CONFIG = {"bn": 8, "bk": 512, "stages": 3, "waves": 8}
 
 
-# Up to w8a8_mma.MAX_M rows the tensor-core GEMV (w8a8_mma.py: weights as stored, one MMA per
-# 32 of a lane's bytes) where the shape and device allow it; LOWBIT_W8A8_MMA=0 (or W8A8_MMA =
-# False) keeps the paths below.
-W8A8_MMA = os.environ.get("LOWBIT_W8A8_MMA", "1") != "0"
-
-
 def _gemv_path(M: int) -> bool:
     """Whether dispatch's default for this shape is the CUDA-core GEMV."""
     return M == 1
-
-
-def _mma16_path(xq: Tensor, weight: Tensor) -> bool:
-    """Whether the tensor-core GEMV takes these operands: few rows, whole tiles, 16-byte
-    aligned rows, and mma.sync for the dtype (e4m3: sm_89+, int8: sm_80+)."""
-    M, K = xq.shape
-    if not (W8A8_MMA and M <= w8a8_mma.MAX_M and xq.is_cuda):
-        return False
-    need = (8, 0) if weight.dtype == torch.int8 else (8, 9)
-    return (
-        capability(xq.device.index or 0) >= need
-        and w8a8_mma.supported(weight.shape[0], K, weight.stride(0))
-        and xq.stride(0) % 16 == 0
-        and xq.data_ptr() % 16 == 0
-        and weight.data_ptr() % 16 == 0
-    )
 
 
 def _config(M: int, N: int, K: int, **over) -> tuple[int, int, int, int, int, int]:
@@ -136,7 +111,7 @@ def w8a8_gemm(
     weight_scale  (N,) / (N, 1) / () / (1,)   float32
     input_scale   () / (1,)  float32 static per-tensor scale, or None for dynamic per token
     qmax          dynamic scale divisor (default 127 int8 / 448 fp8; compressed-tensors 127.5)
-    config        tuning: {"path": "mma16" | "gemv" | "mma", and that path's launch overrides}
+    config        tuning: {"path": "gemv" | "mma", and that path's launch overrides}
     returns       (..., N)   x.dtype
     """
     N, K = weight.shape
@@ -166,12 +141,8 @@ def w8a8_gemm(
         xs = s.expand(M, 1)
     over = dict(config or {})
     path = over.pop("path", None)
-    if path is None and _mma16_path(xq, weight):
-        path = "mma16"
     if path is None and _gemv_path(M):
         path, over = "gemv", GEMV_CONFIG
-    if path == "mma16":
-        return w8a8_mma.w8a8_mma_gemv(xq, xs, weight, ws, bias, x.dtype, over).reshape(*lead, N)
     if path == "gemv":
         return w8a8_gemv(xq, xs, weight, ws, bias, x.dtype, over).reshape(*lead, N)
     bm, bn, bk, split, warps, stages = _config(M, N, K, **over)
