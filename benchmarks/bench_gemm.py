@@ -42,7 +42,7 @@ def _weights(scheme: str, N: int, K: int) -> tuple[dict, int]:
                                     dtype=torch.int32),
         }  # fmt: skip
         if bits == 4 and scheme.partition(":")[2].split(",")[0] == "mma16":  # its own layout
-            from lowbit.kernels.triton.wna16_mma import pack_mma16
+            from lowbit.kernels.mma16 import pack_mma16
 
             w["qweight"] = pack_mma16(w["qweight"])
     elif scheme.split(":")[0] in ("fp8-row", "fp8-cublas", "fp8-triton", "fp8-tensor"):

@@ -155,7 +155,9 @@ def wna16_mma_layout(device: torch.device, N: int, K: int, group_size: int, bits
     """Whether an int4 weight of this shape is stored in the `mma16` layout on `device`."""
     if not (WNA16_MMA and use_triton(device) and capability(device.index or 0) >= (8, 0)):
         return False
-    return _triton("wna16_mma", "mma16_supported")(N, K, group_size, bits)
+    from lowbit.kernels import mma16
+
+    return mma16.supported(N, K, group_size, bits)
 
 
 def wna16_mma_gemm(

@@ -14,12 +14,10 @@ from gpu_util import (  # noqa: F401
     rel_err,
 )
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        os.environ.get("TRITON_INTERPRET") == "1", reason="inline PTX: compiled runs only"
-    ),
-]
+pytestmark = pytest.mark.gpu
+NEEDS_PTX = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") == "1", reason="inline PTX: compiled runs only"
+)
 # (group, sym, K, N): groups of 64, 128 and one per row; N a multiple of 64, K of 64
 CASES = [(128, False, 512, 192), (64, True, 256, 320), (-1, False, 384, 128),
          (128, True, 1024, 64)]  # fmt: skip
@@ -36,13 +34,15 @@ def _problem(M, group, sym, K, N, seed, dtype):
 
 
 def _run(dev, x, qweight, scales, qzeros, group, bias=None, perm=None, config=None):
-    from lowbit.kernels.triton.wna16_mma import pack_mma16, wna16_mma_gemm
+    from lowbit.kernels.mma16 import pack_mma16
+    from lowbit.kernels.triton.wna16_mma import wna16_mma_gemm
 
     d = lambda t: None if t is None else t.to(dev)
     return wna16_mma_gemm(x.to(dev), pack_mma16(qweight.to(dev)), d(scales), d(qzeros), group,
                           d(bias), d(perm), config=config)  # fmt: skip
 
 
+@NEEDS_PTX
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("M", [1, 2, 7, 9, 16, 17, 33, 64])
 @pytest.mark.parametrize("group,sym,K,N", CASES)
@@ -57,6 +57,7 @@ def test_wna16_mma(dev, M, group, sym, K, N, config):
     assert rel_err(out, x.bfloat16().double() @ deq.double().t() + bias.double()) < 1e-2
 
 
+@NEEDS_PTX
 @pytest.mark.parametrize("M", [1, 5, 24])
 def test_wna16_mma_fp16(dev, M):
     """fp16 activations and scales (the f16 magic numbers and MMA)."""
@@ -66,6 +67,7 @@ def test_wna16_mma_fp16(dev, M):
     assert rel_err(out, x.half().double() @ deq.double().t()) < 1e-2
 
 
+@NEEDS_PTX
 def test_wna16_mma_exact_integers(dev):
     """q − z enters the MMA exactly: integer x and power-of-two scales give the exact sum."""
     K, N = 256, 128
@@ -82,6 +84,7 @@ def test_wna16_mma_exact_integers(dev):
     assert torch.equal(out.double().cpu(), (x.double() @ w).bfloat16().double())
 
 
+@NEEDS_PTX
 def test_wna16_mma_act_order(dev):
     """Act-order: x columns read through `perm`, 3-D input."""
     qweight, scales, qzeros, deq, x, _ = _problem(2, 128, False, 384, 192, 5, torch.bfloat16)
@@ -91,9 +94,11 @@ def test_wna16_mma_act_order(dev):
     assert rel_err(out[0], x.bfloat16()[:, perm].double() @ deq.double().t()) < 1e-2
 
 
+@NEEDS_PTX
 def test_wna16_mma_graph_replay_equals_eager(dev):
     """CUDA-graph replay (split K, in-kernel finish) is bit-identical to the eager call."""
-    from lowbit.kernels.triton.wna16_mma import pack_mma16, wna16_mma_gemm
+    from lowbit.kernels.mma16 import pack_mma16
+    from lowbit.kernels.triton.wna16_mma import wna16_mma_gemm
 
     qweight, scales, qzeros, _, x, bias = _problem(1, 128, False, 4096, 1024, 9, torch.bfloat16)
     args = (
@@ -120,6 +125,7 @@ def test_wna16_mma_graph_replay_equals_eager(dev):
     assert not torch.equal(out, eager)
 
 
+@NEEDS_PTX
 @pytest.mark.parametrize("M,dtype", [(1, torch.bfloat16), (64, torch.bfloat16),
                                      (65, torch.bfloat16), (200, torch.float16),
                                      (3, torch.float32)])  # fmt: skip
@@ -127,7 +133,7 @@ def test_dispatch_mma16(dev, M, dtype):
     """dispatch.wna16_mma_gemm: the kernel up to WNA16_MMA_MAX_M rows, above it (and for fp32
     activations) the weight dequantized from the mma16 layout and one dense GEMM."""
     from lowbit.kernels import dispatch
-    from lowbit.kernels.triton.wna16_mma import pack_mma16
+    from lowbit.kernels.mma16 import pack_mma16
 
     assert dispatch.wna16_mma_layout(dev, 256, 512, 128, 4)
     assert not dispatch.wna16_mma_layout(dev, 256, 512, 32, 4)
@@ -137,3 +143,20 @@ def test_dispatch_mma16(dev, M, dtype):
     assert y.shape == (M, 256) and y.dtype == dtype
     ref = x.to(dtype).double() @ deq.double().t() + bias.to(dtype).double()
     assert rel_err(y, ref) < 1e-2
+
+
+@pytest.mark.parametrize("group,sym,K,N,dtype", [(128, False, 256, 128, torch.bfloat16),
+                                                 (64, True, 192, 64, torch.float16),
+                                                 (-1, False, 128, 192, torch.float32)])  # fmt: skip
+def test_dequant_mma16(dev, group, sym, K, N, dtype):
+    """The large-M path's dequantization from the mma16 layout gives the weight the canonical
+    layout's reference gives (Triton only: runs in the interpreter too)."""
+    from lowbit.kernels.mma16 import pack_mma16
+    from lowbit.kernels.triton.wna16_mma import dequant_mma16
+
+    qweight, scales, qzeros, deq, _, _ = _problem(1, group, sym, K, N, K + N, dtype)
+    d = lambda t: None if t is None else t.to(dev)
+    w = dequant_mma16(pack_mma16(qweight.to(dev)), d(scales), d(qzeros), group)
+    assert w.shape == (N, K) and w.dtype == dtype
+    ref = (deq.to(dtype) if dtype == torch.float32 else deq).double()
+    assert rel_err(w, ref) < 1e-2

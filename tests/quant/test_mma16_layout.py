@@ -8,12 +8,7 @@ import pytest
 import torch
 
 from lowbit.kernels import reference
-from lowbit.kernels.triton.wna16_mma import (
-    emulate_mma16,
-    mma16_supported,
-    pack_mma16,
-    unpack_mma16,
-)
+from lowbit.kernels.mma16 import emulate, pack_mma16, supported, unpack_mma16
 
 
 def _random_words(*shape, seed=0):
@@ -52,13 +47,13 @@ def test_emulated_fragments_match_reference(G, sym, dtype):
     s = (torch.rand(K // G, N, generator=gen) * 0.1 + 0.01).to(dtype)
     x = torch.randn(M, K, generator=gen).to(dtype)
     ref = reference.wna16_gemm(x.double(), qw, s.double(), qz, G, 4, None, None)
-    got = emulate_mma16(x, pack_mma16(qw), s, qz, G)
+    got = emulate(x, pack_mma16(qw), s, qz, G)
     assert (got - ref).abs().max() <= 1e-5 * ref.abs().max()  # the reference sums in fp32
 
 
 def test_supported_shapes():
-    assert mma16_supported(4096, 4096, 128, 4)
-    assert mma16_supported(6144, 4096, -1, 4)
-    assert not mma16_supported(4096, 4096, 128, 8)  # int8: the GEMV's
-    assert not mma16_supported(4104, 4096, 128, 4)  # N not a multiple of 64
-    assert not mma16_supported(4096, 4096, 32, 4)  # groups shorter than a 64-row block
+    assert supported(4096, 4096, 128, 4)
+    assert supported(6144, 4096, -1, 4)
+    assert not supported(4096, 4096, 128, 8)  # int8: the GEMV's
+    assert not supported(4104, 4096, 128, 4)  # N not a multiple of 64
+    assert not supported(4096, 4096, 32, 4)  # groups shorter than a 64-row block

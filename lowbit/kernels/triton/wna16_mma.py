@@ -1,38 +1,22 @@
-"""Small-M W4A16 GEMM on the tensor cores (M ≤ 64): int4 weights pre-shuffled so that each
-thread's 32-bit word holds exactly its eight values of an m16n8k16 MMA A fragment.
+"""Small-M W4A16 GEMM on the tensor cores (M ≤ 64) over int4 weights in the `mma16` layout
+(`lowbit/kernels/mma16.py`: each lane's 32-bit word is its m16n8k16 A fragment).
 
 Why: the CUDA-core GEMV (`wna16_gemv.py`) spends ~3.2 sm_90 instructions a weight (shift,
 LOP3, FFMA and reductions) and cannot stream int4 weights at the memory rate; a conventional
 tiled MMA kernel spends more than that moving the dequantized tile into the MMA's operand
-layout. Here the weight is stored in the fragment order (`pack_mma16`, once at load), so a
-word is dequantized in registers with no data movement between threads:
+layout. Here a word becomes the A fragment in registers (`mma16.DECODE`): LOP3 magic numbers
+read a code as magic + q exactly, one FMA a register leaves q − z exactly, and `mma.sync` (inline
+PTX) multiplies it by up to 8 rows of x (swap AB: the output columns are the MMA's rows, x's
+rows its N; MT tiles of 8 rows, M ≤ 64); the group's scale multiplies the fp32 result. Per 8
+weights: 1 (fp16) or 3 (bf16) shifts, 4 LOP3, 4 HFMA2 and one MMA an x tile.
 
-  r0 = lop3(w, 0x000F000F, MAGIC_LO)    nibbles 0, 4 as bf16 128 + q (fp16: 1024 + q)
-  r1 = lop3(w, 0x00F000F0, MAGIC_HI)    nibbles 1, 5 as 2048 + 16 q (fp16: 16384 + 16 q)
-  r2, r3: the same on w >> 8            nibbles 2, 6 and 3, 7
-  a_i = fma(r_i, 1 or 1/16, -(MAGIC + z))   exactly q - z
-  a_i = a_i · scale                      rounded once, as the reference's dequantized weight
-  mma.m16n8k16 (a0..a3, x fragment)      per 8 rows of x, fp32 accumulation
-
-which is 1 shift, 4 LOP3, 8 HFMA2 and one MMA per 8-row x tile for 8 weights (~1.6 a weight
-at M ≤ 8, against ~3.2 for the GEMV). The output columns of a fragment are the MMA's rows
-(swap AB: y^T = W x^T), so x's rows are the MMA's N: up to 8 per tile, MT tiles.
-
-Layout `mma16` of a (K, N) int4 weight W[n, k] = code q(k, n) (K % 16 == 0, N % 64 == 0):
-
-  qweight (N/64, K/16, 32, 4) int32: word [cg, ks, lane, j] is column tile n0 = 64 cg + 16 j,
-  rows k0 = 16 ks, lane = 4 g + c, nibble i = h + 2 kh + 4 kl holding W[n0 + g + 8 h,
-  k0 + 2 c + 8 kh + kl] — the PTX ISA's m16n8k16 A fragment (a0, a1: row g, columns 2c, 2c+1;
-  a2, a3: row g + 8; a4..a7: columns + 8), two values a register.
-
-A lane's 16 bytes are its words for the four column tiles of a 64-column group, so a warp reads
-512 contiguous bytes a load. Scales (K/G, N) and zeros (K/G, N/8) stay in the canonical layout
-(`wna16_gemm.py`), read once a group. A program is WARPS warps; each warp owns E column tiles
-(16 E columns: E = 4 for M ≤ 16, fewer at larger M to bound the accumulators) and one K range of
-whole groups. Splits of K write fp32 partials that the last program to finish sums
-(`common.splitk_last`). Needs mma.sync with bf16 (sm_80+); there is no interpreter path (inline
-PTX), so the CPU tests check the layout against an emulation of the fragments
-(`emulate_mma16`), and the GPU tests the kernel.
+Every tensor of the kernel is one element a lane (1-D, 32 × WARPS): a Triton 2-D load may put
+another lane's values in a thread, and the MMA needs each lane's own fragment; wider loads are
+inline PTX vector loads, one output a register. A program is WARPS warps, each owning E column
+tiles of 16 and one K range of whole groups; splits of K write fp32 partials that the last
+program to finish sums (`common.splitk_last`). There is no interpreter path (inline PTX): the
+CPU tests emulate the fragments (`mma16.emulate`), the GPU tests run the kernel. Above 64 rows
+`dequant_mma16` writes the dense weight for cuBLAS.
 """
 
 from __future__ import annotations
@@ -42,122 +26,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.mma16 import DECODE, HALF, OFFSET
 from lowbit.kernels.triton.common import SplitKOutputs, pdl, pdl_enter, splitk_last
 
 NUM_SMS = 132
 MAX_M = 64
 
 
-def mma16_supported(N: int, K: int, group_size: int, bits: int) -> bool:
-    """Whether a weight can take the `mma16` layout: int4, N a multiple of 64, K of 16, and
-    groups of a multiple of 16 rows (or one group)."""
-    G = K if group_size in (-1, 0) else group_size
-    return bits == 4 and N % 64 == 0 and K % 64 == 0 and G % 64 == 0 and K % G == 0
-
-
-def pack_mma16(qweight: Tensor) -> Tensor:
-    """The canonical int4 qweight (K, N/8) int32 (nibble n % 8 of word n // 8) in the `mma16`
-    layout (N/64, K/16, 32, 4) int32; any device, pure tensor ops."""
-    K, NW = qweight.shape
-    N = NW * 8
-    assert qweight.dtype == torch.int32 and K % 64 == 0 and N % 64 == 0, (qweight.shape,)
-    shifts = torch.arange(0, 32, 4, device=qweight.device, dtype=torch.int32)
-    codes = ((qweight[:, :, None] >> shifts) & 0xF).to(torch.uint8)  # (K, N/8, 8): (k, n)
-    w = codes.reshape(K, N).t()  # W[n, k]
-    # n = 64 cg + 16 j + 8 h + g,  k = 64 blk + 16 c + 4 s + 2 kh + kl  (step ks = 4 blk + s)
-    w = w.reshape(N // 64, 4, 2, 8, K // 64, 4, 4, 2, 2)  # cg j h g blk c s kh kl
-    w = w.permute(0, 4, 6, 3, 5, 1, 8, 7, 2)  # cg blk s g c j kl kh h  (nibble h + 2 kh + 4 kl)
-    w = w.reshape(N // 64, K // 16, 32, 4, 8)
-    words = torch.zeros(w.shape[:-1], dtype=torch.int32, device=qweight.device)
-    for i in range(8):  # int32 shifts wrap: nibble 7 lands in the sign bit
-        words |= w[..., i].to(torch.int32) << (4 * i)
-    return words
-
-
-def unpack_mma16(qmma: Tensor) -> Tensor:
-    """Inverse of `pack_mma16`: the canonical (K, N/8) int32 qweight."""
-    ncg, nks = qmma.shape[:2]
-    N, K = ncg * 64, nks * 16
-    shifts = torch.arange(0, 32, 4, device=qmma.device, dtype=torch.int32)
-    w = (qmma[..., None] >> shifts) & 0xF  # cg ks lane j nibble
-    w = w.reshape(ncg, nks // 4, 4, 8, 4, 4, 2, 2, 2)  # cg blk s g c j kl kh h
-    w = w.permute(0, 5, 8, 3, 1, 4, 2, 7, 6).reshape(N, K)  # cg j h g blk c s kh kl
-    codes = w.t().reshape(K, N // 8, 8).to(torch.int64)
-    words = (codes << (4 * torch.arange(8, device=qmma.device))).sum(-1)
-    return (words - ((words >> 31) << 32)).to(torch.int32)
-
-
-def _halves(v: Tensor, fp16: bool) -> tuple[Tensor, Tensor]:
-    """The two 16-bit floats (low, high) of int64 bit patterns v, as float64."""
-    dt = torch.float16 if fp16 else torch.bfloat16
-    lo = (v & 0xFFFF).to(torch.int32).to(torch.int16)  # wraps to the same 16 bits
-    hi = ((v >> 16) & 0xFFFF).to(torch.int32).to(torch.int16)
-    return lo.view(dt).double(), hi.view(dt).double()
-
-
-def emulate_mma16(x: Tensor, qmma: Tensor, scales: Tensor, qzeros: Tensor | None, G: int) -> Tensor:
-    """What the kernel computes, lane by lane in float64 (for the CPU tests of the layout and of
-    the asm's decode table): each lane's word goes through `_DECODE`'s bit operations into the
-    A fragment registers, which sit where the PTX ISA's m16n8k16 layout puts them; x enters by
-    the B fragment's k order, and the products are summed as the kernel's C fragments are."""
-    M, K = x.shape
-    fp16 = x.dtype == torch.float16
-    ncg = qmma.shape[0]
-    N = ncg * 64
-    y = torch.zeros(M, N, dtype=torch.float64)
-    lanes = torch.arange(32)
-    g, c = lanes // 4, lanes % 4
-    xd = x.double()
-    for cg in range(ncg):
-        for j in range(4):
-            n0 = 64 * cg + 16 * j
-            for ks in range(K // 16):
-                grp = (16 * ks) // G
-                w = qmma[cg, ks, :, j].to(torch.int64) & 0xFFFFFFFF  # (32,) one word a lane
-                a = torch.zeros(32, 16, 16, dtype=torch.float64)  # lane's view of A (row, col)
-                for i, (shift, mask, magic, mul) in enumerate(_DECODE[fp16]):
-                    row = g + 8 * (i % 2)  # r0 a0 a1 | r1 a2 a3 | r2 a4 a5 | r3 a6 a7
-                    n = n0 + row
-                    z = (
-                        torch.full((32,), 8.0, dtype=torch.float64)
-                        if qzeros is None
-                        else (
-                            ((qzeros[grp, n // 8].to(torch.int64) >> (4 * (n % 8))) & 0xF).double()
-                        )
-                    )
-                    nz = -(_OFFSET[fp16][i % 2] + z)
-                    halves = _halves(((w >> shift) & mask) | magic, fp16)
-                    for half, v in enumerate(halves):
-                        col = 2 * c + 8 * (i // 2) + half
-                        a[lanes, row, col] = (v * mul + nz) * scales[grp, n].double()
-                A = a.sum(0)  # each (row, col) is held by exactly one lane
-                # the MMA's k column 2 c + 8 kh + kl is row 64 blk + 16 c + 4 s + 2 kh + kl
-                kk = torch.arange(16)
-                rows = 64 * (ks // 4) + 16 * ((kk % 8) // 2) + 4 * (ks % 4) + 2 * (kk // 8) + kk % 2
-                for m in range(M):
-                    y[m, n0 : n0 + 16] += A @ xd[m, rows]
-    return y
-
-
-# How the asm turns a word into the A fragment's four registers (r0: a0 a1, r1: a2 a3, r2: a4 a5,
-# r3: a6 a7): r_i = fma(lop3(w >> shift, mask, magic), mul, nz) with nz = -(offset + zero) of
-# the register's row (r0, r2: row g, offset OFFSET[0]; r1, r3: row g + 8, OFFSET[1]). A code
-# at mantissa bits 0-3 under the magic 2^10 (fp16) / 2^7 (bf16) reads as magic + q exactly;
-# fp16's 10 mantissa bits also hold a code at bits 4-7 (magic + 16 q, hence mul 1/16), bf16's 7
-# do not (its bit 7 is the exponent's), so bf16 shifts instead. `emulate_mma16` runs this table.
-_DECODE = {
-    True: [(0, 0x000F000F, 0x64006400, 1.0), (0, 0x00F000F0, 0x64006400, 1 / 16),
-           (8, 0x000F000F, 0x64006400, 1.0), (8, 0x00F000F0, 0x64006400, 1 / 16)],
-    False: [(0, 0x000F000F, 0x43004300, 1.0), (4, 0x000F000F, 0x43004300, 1.0),
-            (8, 0x000F000F, 0x43004300, 1.0), (12, 0x000F000F, 0x43004300, 1.0)],
-}  # fmt: skip
-_OFFSET = {True: (1024.0, 64.0), False: (128.0, 128.0)}  # (rows g, rows g + 8)
-_HALF = {1.0: ("0x3C003C00", "0x3F803F80"), 1 / 16: ("0x2C002C00", "0x3D803D80")}
-
-
 @triton.constexpr_function
 def _mma_asm(MT, FP16):
-    """Inline PTX for one word: dequantize the A fragment (`_DECODE`), then MT MMAs (one per 8
+    """Inline PTX for one word: dequantize the A fragment (`DECODE`), then MT MMAs (one per 8
     rows of x). Operands: $0..$4MT-1 the accumulators out; then w, nz_lo, nz_hi (-(offset +
     zero) twice, of the fragment's rows g and g + 8), the 2 MT x fragment registers and the 4 MT
     accumulators in. The A fragment is q - z exactly; the group's scale multiplies the fp32
@@ -169,13 +47,13 @@ def _mma_asm(MT, FP16):
     c0 = b0 + 2 * MT
     lines = ["{", ".reg .b32 r0, r1, r2, r3, t0, t1, t2, t3, m0, m1, m2, m3;"]
     for i in range(4):
-        shift, mask, magic, mul = _DECODE[bool(FP16)][i]
+        shift, mask, magic, mul = DECODE[bool(FP16)][i]
         src = w
         if shift:
             lines.append(f"shr.u32 t{i}, {w}, {shift};")
             src = f"t{i}"
         lines.append(f"lop3.b32 r{i}, {src}, {mask:#010x}, {magic:#010x}, 0xEA;")
-        lines.append(f"mov.b32 m{i}, {_HALF[mul][0 if FP16 else 1]};")
+        lines.append(f"mov.b32 m{i}, {HALF[mul][0 if FP16 else 1]};")
         lines.append(f"fma.rn.{kind}x2 r{i}, r{i}, m{i}, {nzl if i % 2 == 0 else nzh};")
     for t in range(MT):
         d = ", ".join(f"${4 * t + i}" for i in range(4))
@@ -191,7 +69,7 @@ def _mma_asm(MT, FP16):
 
 @triton.constexpr_function
 def _offset(FP16, hi):
-    return _OFFSET[bool(FP16)][hi]
+    return OFFSET[bool(FP16)][hi]
 
 
 @triton.constexpr_function

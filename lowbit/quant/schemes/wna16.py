@@ -109,7 +109,7 @@ class WNA16Scheme:
         # the small-M tensor-core kernel's own layout where it runs (CUDA, shapes it takes)
         layer.wna16_mma = dispatch.wna16_mma_layout(qweight.device, N, K, self.group, self.cbits)
         if layer.wna16_mma:
-            from lowbit.kernels.triton.wna16_mma import pack_mma16
+            from lowbit.kernels.mma16 import pack_mma16
 
             qweight = pack_mma16(qweight)
         swap_params(
