@@ -14,6 +14,12 @@ canonical layout that `kernels.dispatch.wna16_gemm` (Triton on CUDA, reference o
 
 cbits is 4 or 8: 2- and 3-bit codes are stored in 4-bit fields (with explicit zeros), so one
 kernel serves every width. Nothing is expanded to full precision in memory.
+
+On CUDA (sm_80+) int4 weights whose shape allows it (N and K multiples of 64, groups of a
+multiple of 64 rows) go one step further at load, into the `mma16` layout of
+`kernels/mma16.py` (the same codes, reordered so each GPU lane's word is its tensor-core
+fragment; `layer.wna16_mma` is then True and `apply` calls `dispatch.wna16_mma_gemm`). Scales,
+zeros and perm keep the layout above. LOWBIT_WNA16_MMA=0 stops at the canonical layout.
 """
 
 from __future__ import annotations
