@@ -245,10 +245,17 @@ _ZEROS: dict[str, Tensor] = {}
 
 
 def _zeros(device: torch.device) -> Tensor:
-    """32 zero bytes a device: what the lanes of x rows past M read (allocated once, before any
-    CUDA-graph capture: the engine runs every batch size eagerly first)."""
+    """32 zero bytes a device: what the lanes of x rows past M read. Allocated on the first
+    eager call (the engine runs every batch size eagerly before capturing it); allocated inside
+    a CUDA-graph capture it would live in the graph's pool, reusable by others, so that is
+    refused."""
     z = _ZEROS.get(str(device))
     if z is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(
+                "wna16_mma's first call on this device is inside a CUDA-graph capture; run it "
+                "once eagerly before capturing"
+            )
         z = _ZEROS[str(device)] = torch.zeros(8, dtype=torch.int32, device=device)
     return z
 
