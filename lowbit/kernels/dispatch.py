@@ -169,9 +169,15 @@ def wna16_mma_gemm(
     bias: Tensor | None = None,
     perm: Tensor | None = None,
 ) -> Tensor:
-    """x @ dequant(W)^T for an int4 weight in the `mma16` layout (CUDA only, see
-    `wna16_mma_layout`): the small-M tensor-core kernel up to WNA16_MMA_MAX_M rows, else the
-    weight dequantized (triton/wna16_mma.dequant_mma16) and one dense GEMM."""
+    """x @ dequant(W)^T for an int4 weight in the `mma16` layout (made on CUDA, see
+    `wna16_mma_layout`): the small-M tensor-core kernel up to WNA16_MMA_MAX_M rows of bf16/fp16,
+    else the weight dequantized (triton/wna16_mma.dequant_mma16) and one dense GEMM; off CUDA
+    the reference over the unpacked codes."""
+    if not use_triton(x.device):  # e.g. a model moved off the GPU after loading
+        from lowbit.kernels.mma16 import unpack_mma16
+
+        q = unpack_mma16(qmma)
+        return _reference("wna16_gemm")(x, q, scales, qzeros, group_size, 4, bias, perm)
     M = x.numel() // x.shape[-1]
     if (
         M <= WNA16_MMA_MAX_M

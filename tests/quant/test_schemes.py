@@ -162,3 +162,23 @@ def test_fused_per_tensor_fp8_keeps_each_shards_scales():
     load(layer, plan, shards)
     with torch.no_grad():
         assert rel(layer(X), torch.cat(wants, -1)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "name", ["gptq_v2_w4g64_asym", "awq_w4g64", "ct_pack_w4g128_sym", "modelopt_int4_g128"]
+)
+def test_int4_layouts_repack_into_mma16(name, monkeypatch):
+    """Where the GPU kernel runs (forced here), int4 weights of every format go on from the
+    canonical layout into the mma16 one at load, and compute the same product (the CPU takes
+    the reference over the unpacked codes; the kernel itself: tests/gpu/test_gpu_wna16_mma.py)."""
+    from lowbit.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "wna16_mma_layout", lambda *a: True)
+    spec, write, _ = CASES[name]
+    tensors, deq = write()
+    layer, plan = build([spec], [N], K)
+    load(layer, plan, [tensors])
+    assert layer.wna16_mma and layer.qweight.shape == (N // 64, K // 16, 32, 4)
+    with torch.no_grad():
+        y = layer(X)
+    assert rel(y, X.double() @ deq.t()) < 1e-5, name
