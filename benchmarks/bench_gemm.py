@@ -41,7 +41,13 @@ def _weights(scheme: str, N: int, K: int) -> tuple[dict, int]:
             "qzeros": torch.randint(-(2**31), 2**31 - 1, (K // 128, N // P), device=d,
                                     dtype=torch.int32),
         }  # fmt: skip
-        if bits == 4 and scheme.partition(":")[2].split(",")[0] == "mma16":  # its own layout
+        # int4 in the mma16 layout where lowbit loads it so (the default "w4a16" as served, and
+        # the "w4a16:mma16" probe); "w4a16:canonical" keeps the canonical layout's kernels
+        probe = scheme.partition(":")[2].split(",")[0]
+        mma16 = probe == "mma16" or (
+            scheme == "w4a16" and dispatch.wna16_mma_layout(torch.device(d), N, K, 128, 4)
+        )
+        if bits == 4 and mma16:
             from lowbit.kernels.mma16 import pack_mma16
 
             w["qweight"] = pack_mma16(w["qweight"])
@@ -77,7 +83,9 @@ def _call(scheme: str, x, w):
     "w4a16:gemv,block_w=32,block_k=64,chunk=128,warps=1,waves=8,stages=2,unroll=1" (GEMV
     config), "w4a16:tiled,bm=128,bn=128,bk=64,warps=8,stages=3,group_m=8,swap=1" (the tiled
     GEMM, `wna16_gemm_tiled`; omitted keys keep its defaults), "w4a16:mma16,e=4,waves=16,
-    stages=1" (the small-M tensor-core kernel on its `mma16` layout), "w4a16-mma" (the tensor-core
+    stages=1" (the small-M tensor-core kernel on its `mma16` layout; plain "w4a16" is what
+    dispatch serves, in that layout where lowbit loads int4 so), "w4a16:canonical" (the
+    canonical layout's kernels), "w4a16-mma" (the tensor-core
     kernel at any M), "fp8-triton" (the split-K Triton W8A8 kernel); "fp8-triton:gemv,bn=16,
     bk=256,warps=4,waves=4" / "int8:mma,split=8" (W8A8 through one path with its config);
     "bf16-triton[:bn=16,bk=256,warps=4,stages=3,waves=8]" (the 16-bit GEMV, `gemv16`, M ≤ 2);
@@ -103,6 +111,8 @@ def _call(scheme: str, x, w):
     if scheme == "bf16":
         return F.linear(x, w["w"])
     if scheme in ("w4a16", "w8a16"):
+        if w["qweight"].dim() == 4:  # the mma16 layout (see _weights)
+            return dispatch.wna16_mma_gemm(x, w["qweight"], w["scales"], w["qzeros"], 128)
         bits = 4 if scheme == "w4a16" else 8
         return dispatch.wna16_gemm(x, w["qweight"], w["scales"], w["qzeros"], 128, bits)
     if scheme in ("w4a16-mma", "w8a16-mma"):
@@ -143,6 +153,8 @@ def _with_wna16_config(base: str, path: str, over: dict, x, w):
     import lowbit.kernels.triton.wna16_gemm as mod
 
     bits = 4 if base == "w4a16" else 8
+    if path == "canonical":  # dispatch over the canonical layout (LOWBIT_WNA16_MMA=0)
+        return dispatch.wna16_gemm(x, w["qweight"], w["scales"], w["qzeros"], 128, bits)
     if path == "mma16":  # the small-M tensor-core kernel on the pre-shuffled layout
         from lowbit.kernels.triton.wna16_mma import wna16_mma_gemm
 
