@@ -83,7 +83,7 @@ def _call(scheme: str, x, w):
     "w4a16:gemv,block_w=32,block_k=64,chunk=128,warps=1,waves=8,stages=2,unroll=1" (GEMV
     config), "w4a16:tiled,bm=128,bn=128,bk=64,warps=8,stages=3,group_m=8,swap=1" (the tiled
     GEMM, `wna16_gemm_tiled`; omitted keys keep its defaults), "w4a16:mma16,e=4,waves=16,
-    stages=1" (the small-M tensor-core kernel on its `mma16` layout; plain "w4a16" is what
+    max_split=16" (the small-M tensor-core kernel on its `mma16` layout; plain "w4a16" is what
     dispatch serves, in that layout where lowbit loads int4 so), "w4a16:canonical" (the
     canonical layout's kernels), "w4a16-mma" (the tensor-core
     kernel at any M), "fp8-triton" (the split-K Triton W8A8 kernel); "fp8-triton:gemv,bn=16,
@@ -110,9 +110,7 @@ def _call(scheme: str, x, w):
         return _with_wna16_config(base, path, over, x, w)
     if scheme == "bf16":
         return F.linear(x, w["w"])
-    if scheme in ("w4a16", "w8a16"):
-        if w["qweight"].dim() == 4:  # the mma16 layout (see _weights)
-            return dispatch.wna16_mma_gemm(x, w["qweight"], w["scales"], w["qzeros"], 128)
+    if scheme in ("w4a16", "w8a16"):  # either layout (see _weights)
         bits = 4 if scheme == "w4a16" else 8
         return dispatch.wna16_gemm(x, w["qweight"], w["scales"], w["qzeros"], 128, bits)
     if scheme in ("w4a16-mma", "w8a16-mma"):

@@ -133,11 +133,7 @@ class ModelRunner:
             tokens = min(_CPU_KV_TOKENS, _CPU_KV_BYTES // self._kv_bytes_per_token())
             return max(tokens // self.block_size, 1)
         # the peak below is this engine's: weights, activations and whatever else is alive now,
-        # not an earlier engine's KV cache in the same process. Cached blocks that nothing uses
-        # go back to the driver first: an earlier engine's KV segments are rarely the size this
-        # one asks for, so counting them as reusable let the cache grow past the budget (GPU
-        # fixture tests with other processes on the card: OOM with 70 GiB reserved, unused)
-        torch.cuda.empty_cache()
+        # not an earlier engine's KV cache in the same process
         torch.cuda.reset_peak_memory_stats(self.device)
         self._warmup()
         free, total = torch.cuda.mem_get_info(self.device)

@@ -17,6 +17,7 @@ import os
 import torch
 from torch import Tensor
 
+from lowbit.kernels import mma16
 from lowbit.kernels.codes import e8m0_decode
 
 
@@ -133,9 +134,13 @@ def wna16_gemm(
     bias: Tensor | None = None,
     perm: Tensor | None = None,
 ) -> Tensor:
-    """x @ dequant(W)^T for the canonical packed group-wise layout (see triton/wna16_gemm.py);
-    up to WNA16_GEMV_MAX_M rows take the split-K CUDA-core GEMV (triton/wna16_gemv.py), wide
-    int4 weights at medium M the tiled kernel (triton/wna16_tiled.py)."""
+    """x @ dequant(W)^T for a group-wise integer weight. In the canonical packed layout (see
+    triton/wna16_gemm.py) up to WNA16_GEMV_MAX_M rows take the split-K CUDA-core GEMV
+    (triton/wna16_gemv.py), wide int4 weights at medium M the tiled kernel
+    (triton/wna16_tiled.py); int4 loaded in the `mma16` layout (a 4-D qweight, see
+    `wna16_mma_layout`) takes its tensor-core kernel (`_wna16_mma`)."""
+    if qweight.dim() == 4:
+        return _wna16_mma(x, qweight, scales, qzeros, group_size, bias, perm)
     if use_triton(x.device) and x.dtype in (torch.float16, torch.bfloat16):
         module, name, config = _wna16_op(x.numel() // x.shape[-1], scales.shape[-1], bits)
         args = (x, qweight, scales, qzeros, group_size, bits, bias, perm)
@@ -143,7 +148,7 @@ def wna16_gemm(
     return _reference("wna16_gemm")(x, qweight, scales, qzeros, group_size, bits, bias, perm)
 
 
-# Int4 weights on CUDA (sm_80+) are stored in the `mma16` layout of triton/wna16_mma.py when
+# Int4 weights on CUDA (sm_80+) are stored in the `mma16` layout of kernels/mma16.py when
 # their shape allows (N % 64, K % 64, groups of a multiple of 64 rows): up to WNA16_MMA_MAX_M
 # rows run the tensor-core kernel on it, more rows dequantize once and take cuBLAS.
 # LOWBIT_WNA16_MMA=0 keeps the canonical layout and its kernels (an A/B switch).
@@ -155,37 +160,23 @@ def wna16_mma_layout(device: torch.device, N: int, K: int, group_size: int, bits
     """Whether an int4 weight of this shape is stored in the `mma16` layout on `device`."""
     if not (WNA16_MMA and use_triton(device) and capability(device.index or 0) >= (8, 0)):
         return False
-    from lowbit.kernels import mma16
-
     return mma16.supported(N, K, group_size, bits)
 
 
-def wna16_mma_gemm(
-    x: Tensor,
-    qmma: Tensor,
-    scales: Tensor,
-    qzeros: Tensor | None,
-    group_size: int,
-    bias: Tensor | None = None,
-    perm: Tensor | None = None,
-) -> Tensor:
-    """x @ dequant(W)^T for an int4 weight in the `mma16` layout (made on CUDA, see
-    `wna16_mma_layout`): the small-M tensor-core kernel up to WNA16_MMA_MAX_M rows of bf16/fp16,
-    else the weight dequantized (triton/wna16_mma.dequant_mma16) and one dense GEMM; off CUDA
+def _wna16_mma(x, qmma, scales, qzeros, group_size, bias, perm) -> Tensor:
+    """`wna16_gemm` over the `mma16` layout: the small-M tensor-core kernel up to
+    WNA16_MMA_MAX_M rows of bf16/fp16, else the weight dequantized
+    (triton/wna16_mma.dequant_mma16) and one dense GEMM; off CUDA (a model moved after loading)
     the reference over the unpacked codes."""
-    if not use_triton(x.device):  # e.g. a model moved off the GPU after loading
-        from lowbit.kernels.mma16 import unpack_mma16
-
-        q = unpack_mma16(qmma)
+    if not use_triton(x.device):
+        q = mma16.unpack_mma16(qmma)
         return _reference("wna16_gemm")(x, q, scales, qzeros, group_size, 4, bias, perm)
     M = x.numel() // x.shape[-1]
-    if (
-        M <= WNA16_MMA_MAX_M
-        and x.dtype in (torch.float16, torch.bfloat16)
-        and x.dtype == scales.dtype
-    ):
-        fn = _triton("wna16_mma", "wna16_mma_gemm")
-        return fn(x, qmma, scales, qzeros, group_size, bias, perm)
+    half = x.dtype in (torch.float16, torch.bfloat16) and x.dtype == scales.dtype
+    if M <= WNA16_MMA_MAX_M and half:
+        return _triton("wna16_mma", "wna16_mma_gemm")(
+            x, qmma, scales, qzeros, group_size, bias, perm
+        )
     w = _triton("wna16_mma", "dequant_mma16")(qmma, scales, qzeros, group_size)
     if perm is not None:
         x = x[..., perm]
@@ -313,16 +304,12 @@ def _fp8_cublas(x, weight, weight_scale, input_scale=None, bias=None) -> Tensor:
     lead = x.shape[:-1]
     if isinstance(x, QuantizedActivation):
         xq, xs = x.rows()
-        M = xq.shape[0]
     elif input_scale is None:
-        x2 = x.reshape(-1, K)
-        M = x2.shape[0]
-        xq, xs = act_quant(x2.contiguous(), torch.float8_e4m3fn)  # (M, K), (M, 1)
+        xq, xs = act_quant(x.reshape(-1, K).contiguous(), torch.float8_e4m3fn)
     else:
-        x2 = x.reshape(-1, K)
-        M = x2.shape[0]
         xs = input_scale.reshape(1, 1).float()
-        xq = (x2.float() / xs).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+        xq = (x.reshape(-1, K).float() / xs).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+    M = xq.shape[0]  # xq (M, K), xs (M, 1) or (1, 1)
     ws = weight_scale.float()
     if ws.numel() == 1:
         ws = ws.reshape(1, 1)

@@ -130,16 +130,16 @@ def test_wna16_mma_graph_replay_equals_eager(dev):
                                      (65, torch.bfloat16), (200, torch.float16),
                                      (3, torch.float32)])  # fmt: skip
 def test_dispatch_mma16(dev, M, dtype):
-    """dispatch.wna16_mma_gemm: the kernel up to WNA16_MMA_MAX_M rows, above it (and for fp32
-    activations) the weight dequantized from the mma16 layout and one dense GEMM."""
+    """dispatch.wna16_gemm over the mma16 layout: the kernel up to WNA16_MMA_MAX_M rows, above it
+    (and for fp32 activations) the weight dequantized from the layout and one dense GEMM."""
     from lowbit.kernels import dispatch
     from lowbit.kernels.mma16 import pack_mma16
 
     assert dispatch.wna16_mma_layout(dev, 256, 512, 128, 4)
     assert not dispatch.wna16_mma_layout(dev, 256, 512, 32, 4)
     qweight, scales, qzeros, deq, x, bias = _problem(M, 128, False, 512, 256, M, dtype)
-    y = dispatch.wna16_mma_gemm(x.to(dev, dtype), pack_mma16(qweight.to(dev)), scales.to(dev),
-                                qzeros.to(dev), 128, bias.to(dev, dtype))  # fmt: skip
+    y = dispatch.wna16_gemm(x.to(dev, dtype), pack_mma16(qweight.to(dev)), scales.to(dev),
+                            qzeros.to(dev), 128, 4, bias.to(dev, dtype))  # fmt: skip
     assert y.shape == (M, 256) and y.dtype == dtype
     ref = x.to(dtype).double() @ deq.double().t() + bias.to(dtype).double()
     assert rel_err(y, ref) < 1e-2

@@ -126,19 +126,15 @@ def w8a8_gemm(
     if isinstance(x, QuantizedActivation):
         assert x.q.dtype == weight.dtype and input_scale is None, (x.q.dtype, weight.dtype)
         xq, xs = x.rows()
-        M = xq.shape[0]
     elif input_scale is None:
-        x2 = x.reshape(-1, K).contiguous()
-        M = x2.shape[0]
-        xq, xs = act_quant(x2, weight.dtype, None, qmax)  # (M, K), (M, 1)
+        xq, xs = act_quant(x.reshape(-1, K).contiguous(), weight.dtype, None, qmax)
     else:
-        x2 = x.reshape(-1, K).contiguous()
-        M = x2.shape[0]
         s = input_scale.reshape(()).float()
         lo, hi = (-128.0, 127.0) if is_int else (-448.0, 448.0)
-        y = (x2.float() / s).round() if is_int else x2.float() / s
-        xq = y.clamp(lo, hi).to(weight.dtype)
-        xs = s.expand(M, 1)
+        y = x.reshape(-1, K).float() / s
+        xq = (y.round() if is_int else y).clamp(lo, hi).to(weight.dtype)
+        xs = s.expand(xq.shape[0], 1)
+    M = xq.shape[0]  # xq (M, K), xs (M, 1)
     over = dict(config or {})
     path = over.pop("path", None)
     if path is None and _gemv_path(M):

@@ -84,48 +84,31 @@ def _pair(v):
     return bits | (bits << 16)
 
 
-# Every tensor of the kernel is (32,): element i lives in lane i (a 1-D tensor of one element a
-# thread has no other layout), which the MMA's fragments need; wider loads are inline PTX
-# vector loads with one output per register, never a Triton 2-D load whose layout might put
-# another lane's values in a thread.
-@triton.jit
-def _ld4(ptr, STREAM: tl.constexpr):
-    """Four consecutive 32-bit words at each lane's 16-byte aligned ptr (one 128-bit load)."""
-    if STREAM:  # weights: read once, no L1 allocation
-        asm: tl.constexpr = "ld.global.nc.L1::no_allocate.v4.b32 {$0, $1, $2, $3}, [$4];"
-    else:
-        asm: tl.constexpr = "ld.global.nc.v4.b32 {$0, $1, $2, $3}, [$4];"
-    return tl.inline_asm_elementwise(asm, "=r,=r,=r,=r,l", [ptr], dtype=(tl.int32,) * 4,
-                                     is_pure=True, pack=1)  # fmt: skip
+@triton.constexpr_function
+def _ld_asm(WORDS, STREAM):
+    """PTX of a WORDS × 32-bit vector load (weights streamed: read once, no L1 allocation)."""
+    hint = ".L1::no_allocate" if STREAM else ""
+    vec = "" if WORDS == 1 else f".v{WORDS}"
+    regs = ", ".join(f"${i}" for i in range(WORDS))
+    return f"ld.global.nc{hint}{vec}.b32 {{{regs}}}, [${WORDS}];".replace("{$0}", "$0")
 
 
+@triton.constexpr_function
+def _ld_constraints(WORDS):
+    return ",".join(["=r"] * WORDS + ["l"])
+
+
+# Every tensor of the kernel is one element a lane (1-D, 32 × WARPS): a 1-D tensor of one
+# element a thread has no other layout, which the MMA's fragments need; wider loads are these
+# inline PTX vector loads with one output per register, never a Triton 2-D load whose layout
+# might put another lane's values in a thread.
 @triton.jit
-def _ld2(ptr):
-    """Two consecutive 32-bit words at each lane's 8-byte aligned ptr (weights, streamed)."""
+def _ld(ptr, WORDS: tl.constexpr, STREAM: tl.constexpr):
+    """A tuple of WORDS consecutive 32-bit words at each lane's (4 · WORDS)-byte aligned ptr."""
     return tl.inline_asm_elementwise(
-        "ld.global.nc.L1::no_allocate.v2.b32 {$0, $1}, [$2];", "=r,=r,l", [ptr],
-        dtype=(tl.int32,) * 2, is_pure=True, pack=1,
-    )  # fmt: skip
-
-
-@triton.jit
-def _ld1(ptr):
-    """One 32-bit word at each lane's ptr (weights, streamed)."""
-    return tl.inline_asm_elementwise(
-        "ld.global.nc.L1::no_allocate.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
+        _ld_asm(WORDS, STREAM), _ld_constraints(WORDS), [ptr], dtype=(tl.int32,) * WORDS,
         is_pure=True, pack=1,
     )  # fmt: skip
-
-
-@triton.jit
-def _words(ptr, E: tl.constexpr):
-    """A lane's E words of one k16 step (tuple)."""
-    if E == 4:
-        return _ld4(ptr, True)
-    elif E == 2:
-        return _ld2(ptr)
-    else:
-        return (_ld1(ptr),)
 
 
 @triton.jit
@@ -138,8 +121,8 @@ def _x_block(x_ptr, xz_ptr, g, c, blk, M, stride_xm, MT: tl.constexpr):
     for t in tl.static_range(MT):
         m = t * 8 + g
         p = tl.where(m < M, x_ptr + m * (stride_xm // 2) + blk * 32 + c * 8, xz_ptr)
-        lo = _ld4(p, False)
-        hi = _ld4(p + 4, False)
+        lo = _ld(p, 4, False)
+        hi = _ld(p + 4, 4, False)
         out = out + (lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3])
     return out
 
@@ -164,7 +147,7 @@ def _wna16_mma_kernel(
     M, N, K, groups_per_split,
     stride_xm, stride_sg, stride_zg, stride_os, stride_om, stride_ym,
     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, MT: tl.constexpr,
-    E: tl.constexpr, WARPS: tl.constexpr, STAGES: tl.constexpr, FP16: tl.constexpr,
+    E: tl.constexpr, WARPS: tl.constexpr, FP16: tl.constexpr,
     SPLIT: tl.constexpr, FUSED: tl.constexpr, FINISH_BIAS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     pdl_enter(PDL)
@@ -184,7 +167,8 @@ def _wna16_mma_kernel(
     zero = tl.zeros([32 * WARPS], tl.float32)
     acc = (zero,) * (4 * MT * E)  # word e's tile t register i at 4 (MT e + t) + i
     g_lo = pid_k * groups_per_split
-    for grp in tl.range(g_lo, g_lo + groups_per_split, num_stages=STAGES):
+    # the loads are inline PTX, which Triton's pipeliner does not prefetch: no num_stages
+    for grp in range(g_lo, g_lo + groups_per_split):
         s_row = s_ptr + grp * stride_sg
         z_row = z_ptr + grp * stride_zg
         s_lo = ()
@@ -208,7 +192,7 @@ def _wna16_mma_kernel(
             blk = grp * (GROUP // 64) + b
             xb = _x_block(x_ptr, xz_ptr, g, c, blk, M, stride_xm, MT)
             for s in tl.static_range(4):
-                ws = _words(w_base + (blk * 4 + s) * 128, E)
+                ws = _ld(w_base + (blk * 4 + s) * 128, E, True)  # this step's E words
                 new = ()
                 for e in tl.static_range(E):
                     mine = ()
@@ -263,20 +247,19 @@ def _zeros(device: torch.device) -> Tensor:
 def _config(M: int, N: int, K: int, G: int, **over) -> dict[str, int]:
     """Launch config: x tiles `mt` (8 rows each), words a lane `e` (column tiles a warp),
     `warps` a program (a unit of e column tiles each; they share the split-K finish), `waves`
-    of warps an SM the K splits aim at (whole groups, dividing evenly, at most `max_split`),
-    `stages` of the group loop."""
+    of warps an SM the K splits aim at (whole groups, dividing evenly, at most `max_split`)."""
     mt = triton.cdiv(M, 8)
     mt = 1 << (mt - 1).bit_length()
     # H100 probes (benchmarks/RESULTS.md run 10): one-warp programs of 2 column tiles, 32
     # waves, up to 16 splits at M ≤ 8 (µs: qkv 10.3, o 8.3, gate_up 27.9, down 18.7, against
-    # the GEMV's 12.8 / 11.7 / 33.4 / 22.1); at larger M 4-warp programs and at most 4 splits,
-    # whose finish (one program summing the splits' M × 128 partials) was 10x slower with 32
-    # splits at M = 16
+    # the GEMV's 12.8 / 11.7 / 33.4 / 22.1); at larger M 4-warp programs and at most 4 splits:
+    # the finish (one program summing every split's M × 128 partials) grows with the splits
+    # (o at M = 16: 12.5 µs with ≤ 4 splits, 19.9 with ≤ 16)
     if mt == 1:
-        c = {"e": 2, "warps": 1, "waves": 32, "max_split": 16, "stages": 1}
+        c = {"e": 2, "warps": 1, "waves": 32, "max_split": 16}
     else:  # 8 splits for long K (down at M = 16: 31.6 → 25.0 µs; 4 → 8 was slower on o)
         c = {"e": 2 if mt == 2 else 8 // mt, "warps": 4, "waves": 8,
-             "max_split": 8 if K >= 8192 else 4, "stages": 1}  # fmt: skip
+             "max_split": 8 if K >= 8192 else 4}  # fmt: skip
     if set(over) - set(c):
         raise ValueError(
             f"unknown wna16_mma config keys {sorted(set(over) - set(c))}; use {list(c)}"
@@ -308,7 +291,7 @@ def wna16_mma_gemm(
     """y = x @ dequant(W)^T for up to MAX_M rows of bf16/fp16 x and an int4 weight in the
     `mma16` layout (`pack_mma16`); scales (K/G, N), qzeros (K/G, N/8) or None (symmetric, zero
     8), perm (act-order) as in `wna16_gemm.py`. `config` overrides `_config` (e, warps, waves,
-    max_split, stages) for tuning."""
+    max_split) for tuning."""
     ncg, nks = qmma.shape[:2]
     N, K = ncg * 64, nks * 16
     G = K if group_size in (-1, 0) else group_size
@@ -340,9 +323,9 @@ def wna16_mma_gemm(
         x2.stride(0), scales.stride(0), qzeros.stride(0) if qzeros is not None else 0,
         o.part.stride(0), o.part.stride(1), o.out.stride(0),
         GROUP=G, HAS_ZERO=qzeros is not None, HAS_BIAS=bias is not None and split == 1,
-        MT=mt, E=e, WARPS=warps, STAGES=cfg["stages"], FP16=x.dtype == torch.float16,
+        MT=mt, E=e, WARPS=warps, FP16=x.dtype == torch.float16,
         SPLIT=split, FUSED=o.fused, FINISH_BIAS=bias is not None,
-        **pdl(x.device), num_warps=warps, num_stages=cfg["stages"],
+        **pdl(x.device), num_warps=warps,
     )  # fmt: skip
     return o.result(bias).reshape(*x.shape[:-1], N)
 

@@ -18,7 +18,7 @@ kernel serves every width. Nothing is expanded to full precision in memory.
 On CUDA (sm_80+) int4 weights whose shape allows it (N and K multiples of 64, groups of a
 multiple of 64 rows) go one step further at load, into the `mma16` layout of
 `kernels/mma16.py` (the same codes, reordered so each GPU lane's word is its tensor-core
-fragment; `layer.wna16_mma` is then True and `apply` calls `dispatch.wna16_mma_gemm`). Scales,
+fragment; qweight is then (N/64, K/16, 32, 4), which `dispatch.wna16_gemm` tells apart). Scales,
 zeros and perm keep the layout above. LOWBIT_WNA16_MMA=0 stops at the canonical layout.
 """
 
@@ -37,6 +37,7 @@ from lowbit.kernels.codes import (
     unpack_int4_rows,
     unpack_int32,
 )
+from lowbit.kernels.mma16 import pack_mma16
 from lowbit.quant.schemes.common import add_replicated, num_shards, swap_params
 from lowbit.quant.spec import QuantSpec
 
@@ -113,10 +114,7 @@ class WNA16Scheme:
         qweight = pack_int32(codes, self.cbits, dim=1)
         K, N = codes.shape
         # the small-M tensor-core kernel's own layout where it runs (CUDA, shapes it takes)
-        layer.wna16_mma = dispatch.wna16_mma_layout(qweight.device, N, K, self.group, self.cbits)
-        if layer.wna16_mma:
-            from lowbit.kernels.mma16 import pack_mma16
-
+        if dispatch.wna16_mma_layout(qweight.device, N, K, self.group, self.cbits):
             qweight = pack_mma16(qweight)
         swap_params(
             layer,
@@ -208,13 +206,9 @@ class WNA16Scheme:
                 )
 
     def apply(self, layer, x: Tensor, bias: Tensor | None) -> Tensor:
-        """Weight-only GEMM over the canonical layout."""
+        """Weight-only GEMM over the packed layout (canonical, or mma16 on CUDA)."""
         if self.spec.pre_quant_scale:
             x = x * layer.pre_quant_scale
-        if getattr(layer, "wna16_mma", False):
-            return dispatch.wna16_mma_gemm(
-                x, layer.qweight, layer.scales, layer.qzeros, self.group, bias, layer.perm
-            )
         return dispatch.wna16_gemm(
             x, layer.qweight, layer.scales, layer.qzeros, self.group, self.cbits, bias, layer.perm
         )
@@ -222,8 +216,8 @@ class WNA16Scheme:
     def describe(self) -> str:
         """Scheme and kernel for `lowbit inspect`."""
         return (
-            f"wna16 (int{self.bits}) → dispatch.wna16_gemm (Triton on CUDA, reference on CPU); "
-            "int4 on sm_80+ in the mma16 layout → dispatch.wna16_mma_gemm"
+            f"wna16 (int{self.bits}) → dispatch.wna16_gemm (Triton on CUDA, reference on CPU; "
+            "int4 on sm_80+ in the mma16 layout, tensor cores at small M)"
         )
 
 
