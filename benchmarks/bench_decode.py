@@ -70,7 +70,7 @@ def _time_steps(runner, tok, lens: list[int], tables: list[list[int]], steps: in
 def lowbit_decode_flags(variant: str):
     """Apply a variant's `+nopdl` / `+cublas` flags for the block: yields (scheme, flags)."""
     from lowbit.kernels import dispatch
-    from lowbit.kernels.triton import common
+    from lowbit.kernels.triton import common, paged_decode_attention, wna16_mma
 
     overrides = {
         "nopdl": (common, "PDL_ENABLED", False),
@@ -78,6 +78,8 @@ def lowbit_decode_flags(variant: str):
         "twolaunch": (common, "FUSED_SPLITK", False),
         "unfusedq": (dispatch, "FUSE_ACT_QUANT", False),
         "canonical": (dispatch, "WNA16_MMA", False),
+        "late": (wna16_mma, "EARLY", False),
+        "att64": (paged_decode_attention, "MIN_SPLIT_TOKENS", 64),
     }
     scheme, *flags = variant.split("+")
     if set(flags) - {"eager", *overrides}:

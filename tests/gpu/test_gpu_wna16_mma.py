@@ -21,7 +21,8 @@ NEEDS_PTX = pytest.mark.skipif(
 # (group, sym, K, N): groups of 64, 128 and one per row; N a multiple of 64, K of 64
 CASES = [(128, False, 512, 192), (64, True, 256, 320), (-1, False, 384, 128),
          (128, True, 1024, 64)]  # fmt: skip
-CONFIGS = [None, {"waves": 10**6}, {"e": 1}, {"e": 2, "waves": 1}]
+CONFIGS = [None, {"waves": 10**6}, {"e": 1}, {"e": 2, "waves": 1}, {"early": 0},
+           {"early": 0, "waves": 1}]  # fmt: skip
 
 
 def _problem(M, group, sym, K, N, seed, dtype):

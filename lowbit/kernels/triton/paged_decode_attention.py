@@ -15,7 +15,6 @@ import triton.language as tl
 from torch import Tensor
 
 from lowbit.kernels.triton.common import (
-    arrive_last,
     pdl,
     pdl_enter,
     reset_arrivals,
@@ -25,6 +24,19 @@ from lowbit.kernels.triton.common import (
 BLOCK_N = 64  # context tokens per inner step
 TARGET_PROGRAMS = 264  # ~2 waves of 132 SMs (H100 SXM)
 MAX_SPLITS = 32
+# fewest context tokens a split takes: a sequence this short is one program a KV head, which
+# writes its output itself (no partials, no merge). H100, Llama-3-8B shape, batch 1 at 128-180
+# tokens (benchmarks/RESULTS.md run 11): w4a16 decode 370 tok/s with 64, 364 with 128, 380
+# with 256
+MIN_SPLIT_TOKENS = 256
+
+
+@triton.jit
+def _active_splits(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                   MIN_TOKENS: tl.constexpr):  # fmt: skip
+    """(tokens a split, splits with tokens — at least 1) for a sequence of seq_len tokens."""
+    per_split = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N, MIN_TOKENS)
+    return per_split, tl.maximum(tl.cdiv(seq_len, per_split), 1)
 
 
 @triton.jit
@@ -34,7 +46,7 @@ def _paged_decode_attention_kernel(
     stride_qb, stride_qh, stride_ks, stride_kh, stride_tb, stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    IS_FP8: tl.constexpr, FUSED_MERGE: tl.constexpr,
+    IS_FP8: tl.constexpr, FUSED_MERGE: tl.constexpr, MIN_TOKENS: tl.constexpr,
     PDL: tl.constexpr,
 ):  # fmt: skip
     pdl_enter(PDL)
@@ -42,7 +54,24 @@ def _paged_decode_attention_kernel(
     hkv = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
-    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    per_split, active = _active_splits(seq_len, NUM_SPLITS, BLOCK_N, MIN_TOKENS)
+    if split < active:  # the splits past the context have nothing to do, not even arrive
+        _attend(q_ptr, k_ptr, v_ptr, table_ptr, out_ptr, part_ptr, ml_ptr, cnt_ptr, scale,
+                k_scale, v_scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_tb,
+                stride_ob, stride_oh, b, hkv, split, seq_len, per_split, active, GROUP,
+                GROUP_PAD, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, NUM_SPLITS, IS_FP8,
+                FUSED_MERGE)  # fmt: skip
+
+
+@triton.jit
+def _attend(q_ptr, k_ptr, v_ptr, table_ptr, out_ptr, part_ptr, ml_ptr, cnt_ptr, scale, k_scale,
+            v_scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_tb, stride_ob,
+            stride_oh, b, hkv, split, seq_len, per_split, active, GROUP: tl.constexpr,
+            GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+            IS_FP8: tl.constexpr, FUSED_MERGE: tl.constexpr):  # fmt: skip
+    """One (sequence, KV head, split) with tokens: its partial softmax, or the output itself
+    when it is the sequence's only split."""
     start = split * per_split
     end = tl.minimum(start + per_split, seq_len)
 
@@ -86,7 +115,7 @@ def _paged_decode_attention_kernel(
         m_i = m_new
 
     out_mask = g_mask[:, None] & d_mask[None, :]
-    if NUM_SPLITS == 1:
+    if active == 1:
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(
             out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
@@ -99,43 +128,49 @@ def _paged_decode_attention_kernel(
         tl.store(part_ptr + row[:, None] * HEAD_DIM + d[None, :], acc, mask=out_mask)
         tl.store(ml_ptr + row * 2, m_i, mask=g_mask)
         tl.store(ml_ptr + row * 2 + 1, l_i, mask=g_mask)
-        if FUSED_MERGE:  # the last split of (b, hkv) to finish merges its group's heads
+        if FUSED_MERGE:  # the last active split of (b, hkv) to finish merges its group's heads
             tile = b * tl.num_programs(1) + hkv
-            if arrive_last(cnt_ptr, tile, NUM_SPLITS):
+            tl.debug_barrier()  # `arrive_last`, counting to the active splits
+            if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == active - 1:
                 for gi in tl.static_range(GROUP):
-                    _merge_head(part_ptr, ml_ptr, out_ptr, b, hkv * GROUP + gi, H, stride_ob,
-                                stride_oh, HEAD_DIM, BLOCK_D, NUM_SPLITS)  # fmt: skip
+                    _merge_head(part_ptr, ml_ptr, out_ptr, b, hkv * GROUP + gi, H, active,
+                                stride_ob, stride_oh, HEAD_DIM, BLOCK_D,
+                                NUM_SPLITS)  # fmt: skip
                 reset_arrivals(cnt_ptr, tile)
 
 
 @triton.jit
 def _merge_splits_kernel(
-    part_ptr, ml_ptr, out_ptr, stride_ob, stride_oh,
+    part_ptr, ml_ptr, out_ptr, lens_ptr, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, MIN_TOKENS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     pdl_enter(PDL)
-    _merge_head(part_ptr, ml_ptr, out_ptr, tl.program_id(0), tl.program_id(1),
-                tl.num_programs(1), stride_ob, stride_oh, HEAD_DIM, BLOCK_D,
-                NUM_SPLITS)  # fmt: skip
+    b = tl.program_id(0)
+    _, active = _active_splits(tl.load(lens_ptr + b), NUM_SPLITS, BLOCK_N, MIN_TOKENS)
+    if active > 1:  # one split wrote the output itself
+        _merge_head(part_ptr, ml_ptr, out_ptr, b, tl.program_id(1), tl.num_programs(1), active,
+                    stride_ob, stride_oh, HEAD_DIM, BLOCK_D, NUM_SPLITS)  # fmt: skip
 
 
 @triton.jit
-def _merge_head(part_ptr, ml_ptr, out_ptr, b, h, H, stride_ob, stride_oh,
+def _merge_head(part_ptr, ml_ptr, out_ptr, b, h, H, active, stride_ob, stride_oh,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 NUM_SPLITS: tl.constexpr):  # fmt: skip
-    """out[b, h] from the splits' partial softmaxes of head h (read at L2: other programs
-    wrote them)."""
+    """out[b, h] from the partial softmaxes of head h's first `active` splits (read at L2:
+    other programs wrote them)."""
     s = tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, BLOCK_D)
     row = (b * H + h) * NUM_SPLITS + s  # (S,)
-    m = tl.load(ml_ptr + row * 2, cache_modifier=".cg")
-    l_s = tl.load(ml_ptr + row * 2 + 1, cache_modifier=".cg")
+    live = s < active
+    m = tl.load(ml_ptr + row * 2, mask=live, other=float("-inf"), cache_modifier=".cg")
+    l_s = tl.load(ml_ptr + row * 2 + 1, mask=live, other=0.0, cache_modifier=".cg")
     m_max = tl.max(m, axis=0)
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # empty sequence: all splits empty
     w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))  # (S,)
     denom = tl.sum(w * l_s, axis=0)
-    part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :], mask=d[None, :] < HEAD_DIM,
+    part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :],
+                   mask=live[:, None] & (d[None, :] < HEAD_DIM), other=0.0,
                    cache_modifier=".cg")  # fmt: skip
     out = tl.sum(part * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
     tl.store(
@@ -198,11 +233,12 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, NUM_SPLITS=splits,
         IS_FP8=k_cache.dtype.itemsize == 1, FUSED_MERGE=counters is not None,
-        **pdl(q.device), num_warps=4, num_stages=2,
+        MIN_TOKENS=MIN_SPLIT_TOKENS, **pdl(q.device), num_warps=4, num_stages=2,
     )  # fmt: skip
     if splits > 1 and counters is None:
         _merge_splits_kernel[(B, H)](
-            part, ml, out, out.stride(0), out.stride(1),
-            HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits, **pdl(out.device), num_warps=4,
+            part, ml, out, seq_lens, out.stride(0), out.stride(1),
+            HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits, BLOCK_N=BLOCK_N,
+            MIN_TOKENS=MIN_SPLIT_TOKENS, **pdl(out.device), num_warps=4,
         )  # fmt: skip
     return out

@@ -31,6 +31,9 @@ from lowbit.kernels.triton.common import SplitKOutputs, pdl, pdl_enter, splitk_l
 
 NUM_SMS = 132
 MAX_M = 64
+# the first group's weight loads go out before the PDL wait (H100, benchmarks/RESULTS.md run
+# 11: o at M = 1 8.2 → 7.6 µs, the other shapes 0.1-0.8 µs faster)
+EARLY = True
 
 
 @triton.constexpr_function
@@ -142,17 +145,86 @@ def _mma_step(w, nzl, nzh, xb, s: tl.constexpr, acc, MT: tl.constexpr,
 
 
 @triton.jit
+def _fetch_w(w_base, s_ptr, z_ptr, grp, cg, j0, g, stride_sg, stride_zg, GROUP: tl.constexpr,
+             HAS_ZERO: tl.constexpr, E: tl.constexpr):  # fmt: skip
+    """One group's weight loads as one flat tuple: the words (block b, step s, word e at
+    (4 b + s) E + e), then the raw scales of rows g and g + 8 and, with zero points, their
+    packed words (`_SZ` a word e, from 4 BLOCKS E)."""
+    words = ()
+    for b in tl.static_range(GROUP // 64):
+        for s in tl.static_range(4):
+            words = words + _ld(w_base + ((grp * (GROUP // 64) + b) * 4 + s) * 128, E, True)
+    for e in tl.static_range(E):
+        n = cg * 64 + (j0 + e) * 16 + g  # the column of the fragment's row g (and + 8)
+        s_row = s_ptr + grp * stride_sg
+        words = words + (tl.load(s_row + n), tl.load(s_row + n + 8))
+        if HAS_ZERO:
+            z_row = z_ptr + grp * stride_zg
+            words = words + (tl.load(z_row + n // 8), tl.load(z_row + n // 8 + 1))
+    return words
+
+
+@triton.constexpr_function
+def _sz(HAS_ZERO):
+    return 4 if HAS_ZERO else 2
+
+
+@triton.jit
+def _group(acc, wz, x_ptr, xz_ptr, grp, cg, j0, g, c, M, stride_xm, GROUP: tl.constexpr,
+           HAS_ZERO: tl.constexpr, MT: tl.constexpr, E: tl.constexpr, WARPS: tl.constexpr,
+           FP16: tl.constexpr, S_DTYPE: tl.constexpr):  # fmt: skip
+    """acc + one group's scaled MMAs over its weight loads `wz` (`_fetch_w`)."""
+    OFF_LO: tl.constexpr = _offset(FP16, 0)
+    OFF_HI: tl.constexpr = _offset(FP16, 1)
+    S0: tl.constexpr = 4 * (GROUP // 64) * E  # where the scales start in wz
+    SZ: tl.constexpr = _sz(HAS_ZERO)
+    s_lo = ()
+    s_hi = ()
+    nzl = ()
+    nzh = ()
+    for e in tl.static_range(E):
+        n = cg * 64 + (j0 + e) * 16 + g
+        s_lo = s_lo + (wz[S0 + SZ * e].to(tl.float32),)
+        s_hi = s_hi + (wz[S0 + SZ * e + 1].to(tl.float32),)
+        if HAS_ZERO:
+            zl = ((wz[S0 + SZ * e + 2] >> (4 * (n % 8))) & 0xF).to(tl.float32)
+            zh = ((wz[S0 + SZ * e + 3] >> (4 * (n % 8))) & 0xF).to(tl.float32)
+        else:
+            zl = tl.full([32 * WARPS], 8.0, tl.float32)
+            zh = zl
+        nzl = nzl + (_pair((-(OFF_LO + zl)).to(S_DTYPE)),)
+        nzh = nzh + (_pair((-(OFF_HI + zh)).to(S_DTYPE)),)
+    zero = tl.zeros([32 * WARPS], tl.float32)
+    part = (zero,) * (4 * MT * E)  # this group's Σ (q - z) x
+    for b in tl.static_range(GROUP // 64):
+        xb = _x_block(x_ptr, xz_ptr, g, c, grp * (GROUP // 64) + b, M, stride_xm, MT)
+        for s in tl.static_range(4):
+            new = ()
+            for e in tl.static_range(E):
+                mine = ()
+                for i in tl.static_range(4 * MT):
+                    mine = mine + (part[4 * MT * e + i],)
+                new = new + _mma_step(wz[(4 * b + s) * E + e], nzl[e], nzh[e], xb, s, mine, MT,
+                                      FP16)  # fmt: skip
+            part = new
+    scaled = ()
+    for r in tl.static_range(4 * MT * E):  # registers 0, 1: row g; 2, 3: row g + 8
+        if (r % 4) < 2:
+            scaled = scaled + (acc[r] + part[r] * s_lo[r // (4 * MT)],)
+        else:
+            scaled = scaled + (acc[r] + part[r] * s_hi[r // (4 * MT)],)
+    return scaled
+
+
+@triton.jit
 def _wna16_mma_kernel(
     x_ptr, xz_ptr, qw_ptr, s_ptr, z_ptr, bias_ptr, out_ptr, y_ptr, cnt_ptr,
     M, N, K, groups_per_split,
     stride_xm, stride_sg, stride_zg, stride_os, stride_om, stride_ym,
     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, MT: tl.constexpr,
-    E: tl.constexpr, WARPS: tl.constexpr, FP16: tl.constexpr,
+    E: tl.constexpr, WARPS: tl.constexpr, FP16: tl.constexpr, EARLY: tl.constexpr,
     SPLIT: tl.constexpr, FUSED: tl.constexpr, FINISH_BIAS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    pdl_enter(PDL)
-    OFF_LO: tl.constexpr = _offset(FP16, 0)
-    OFF_HI: tl.constexpr = _offset(FP16, 1)
     pid_n = tl.program_id(0)  # WARPS units of E column tiles of 16, one a warp
     pid_k = tl.program_id(1)
     idx = tl.arange(0, 32 * WARPS)  # element i: lane i % 32 of warp i // 32
@@ -164,49 +236,26 @@ def _wna16_mma_kernel(
     j0 = (unit * E) % 4
     ksteps = K // 16
     w_base = qw_ptr + (cg * ksteps * 32 + lane) * 4 + j0
+    g_lo = pid_k * groups_per_split
+    # Weights are never written by a kernel, so with PDL the first group's weight loads may go
+    # out before the wait for the previous kernel (which x comes from): EARLY
+    if EARLY:
+        first = _fetch_w(w_base, s_ptr, z_ptr, g_lo, cg, j0, g, stride_sg, stride_zg, GROUP,
+                         HAS_ZERO, E)  # fmt: skip
+    pdl_enter(PDL)
     zero = tl.zeros([32 * WARPS], tl.float32)
     acc = (zero,) * (4 * MT * E)  # word e's tile t register i at 4 (MT e + t) + i
-    g_lo = pid_k * groups_per_split
-    # the loads are inline PTX, which Triton's pipeliner does not prefetch: no num_stages
-    for grp in range(g_lo, g_lo + groups_per_split):
-        s_row = s_ptr + grp * stride_sg
-        z_row = z_ptr + grp * stride_zg
-        s_lo = ()
-        s_hi = ()
-        nzl = ()
-        nzh = ()
-        for e in tl.static_range(E):
-            n = cg * 64 + (j0 + e) * 16 + g  # the column of the fragment's row g (and + 8)
-            s_lo = s_lo + (tl.load(s_row + n).to(tl.float32),)
-            s_hi = s_hi + (tl.load(s_row + n + 8).to(tl.float32),)
-            if HAS_ZERO:
-                zl = ((tl.load(z_row + n // 8) >> (4 * (n % 8))) & 0xF).to(tl.float32)
-                zh = ((tl.load(z_row + n // 8 + 1) >> (4 * (n % 8))) & 0xF).to(tl.float32)
-            else:
-                zl = tl.full([32 * WARPS], 8.0, tl.float32)
-                zh = zl
-            nzl = nzl + (_pair((-(OFF_LO + zl)).to(s_ptr.dtype.element_ty)),)
-            nzh = nzh + (_pair((-(OFF_HI + zh)).to(s_ptr.dtype.element_ty)),)
-        part = (zero,) * (4 * MT * E)  # this group's Σ (q - z) x
-        for b in tl.static_range(GROUP // 64):
-            blk = grp * (GROUP // 64) + b
-            xb = _x_block(x_ptr, xz_ptr, g, c, blk, M, stride_xm, MT)
-            for s in tl.static_range(4):
-                ws = _ld(w_base + (blk * 4 + s) * 128, E, True)  # this step's E words
-                new = ()
-                for e in tl.static_range(E):
-                    mine = ()
-                    for i in tl.static_range(4 * MT):
-                        mine = mine + (part[4 * MT * e + i],)
-                    new = new + _mma_step(ws[e], nzl[e], nzh[e], xb, s, mine, MT, FP16)
-                part = new
-        scaled = ()
-        for r in tl.static_range(4 * MT * E):  # registers 0, 1: row g; 2, 3: row g + 8
-            if (r % 4) < 2:
-                scaled = scaled + (acc[r] + part[r] * s_lo[r // (4 * MT)],)
-            else:
-                scaled = scaled + (acc[r] + part[r] * s_hi[r // (4 * MT)],)
-        acc = scaled
+    S_DTYPE: tl.constexpr = s_ptr.dtype.element_ty
+    if EARLY:
+        acc = _group(acc, first, x_ptr, xz_ptr, g_lo, cg, j0, g, c, M, stride_xm, GROUP,
+                     HAS_ZERO, MT, E, WARPS, FP16, S_DTYPE)  # fmt: skip
+    # the loads are inline PTX, which Triton's pipeliner does not prefetch (carrying the next
+    # group's loads through the loop by hand measured slower: benchmarks/RESULTS.md run 11)
+    for grp in range(g_lo + (1 if EARLY else 0), g_lo + groups_per_split):
+        wz = _fetch_w(w_base, s_ptr, z_ptr, grp, cg, j0, g, stride_sg, stride_zg, GROUP,
+                      HAS_ZERO, E)  # fmt: skip
+        acc = _group(acc, wz, x_ptr, xz_ptr, grp, cg, j0, g, c, M, stride_xm, GROUP, HAS_ZERO,
+                     MT, E, WARPS, FP16, S_DTYPE)  # fmt: skip
     # word e's tile t register i: column n (+ 8 for i ≥ 2), x row 8 t + 2 c + i % 2
     for r in tl.static_range(4 * MT * E):
         e = r // (4 * MT)
@@ -256,10 +305,11 @@ def _config(M: int, N: int, K: int, G: int, **over) -> dict[str, int]:
     # the finish (one program summing every split's M × 128 partials) grows with the splits
     # (o at M = 16: 12.5 µs with ≤ 4 splits, 19.9 with ≤ 16)
     if mt == 1:
-        c = {"e": 2, "warps": 1, "waves": 32, "max_split": 16}
+        c = {"e": 2, "warps": 1, "waves": 32, "max_split": 16, "early": EARLY}
     else:  # 8 splits for long K (down at M = 16: 31.6 → 25.0 µs; 4 → 8 was slower on o)
         c = {"e": 2 if mt == 2 else 8 // mt, "warps": 4, "waves": 8,
-             "max_split": 8 if K >= 8192 else 4}  # fmt: skip
+             "max_split": 8 if K >= 8192 else 4,
+             "early": EARLY}  # fmt: skip
     if set(over) - set(c):
         raise ValueError(
             f"unknown wna16_mma config keys {sorted(set(over) - set(c))}; use {list(c)}"
@@ -323,7 +373,7 @@ def wna16_mma_gemm(
         x2.stride(0), scales.stride(0), qzeros.stride(0) if qzeros is not None else 0,
         o.part.stride(0), o.part.stride(1), o.out.stride(0),
         GROUP=G, HAS_ZERO=qzeros is not None, HAS_BIAS=bias is not None and split == 1,
-        MT=mt, E=e, WARPS=warps, FP16=x.dtype == torch.float16,
+        MT=mt, E=e, WARPS=warps, FP16=x.dtype == torch.float16, EARLY=bool(cfg["early"]),
         SPLIT=split, FUSED=o.fused, FINISH_BIAS=bias is not None,
         **pdl(x.device), num_warps=warps,
     )  # fmt: skip
