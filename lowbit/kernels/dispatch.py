@@ -405,6 +405,16 @@ def kv_store(k, v, k_cache, v_cache, slots, k_scale=1.0, v_scale=1.0) -> None:
     _triton("kv_store", "kv_store")(k, v, k_cache, v_cache, slots, k_scale, v_scale)
 
 
+def rotary_kv_store(
+    positions, q, k, v, cos, sin, k_cache, v_cache, slots, k_scale=1.0, v_scale=1.0
+) -> Tensor:
+    """`rotary` of q and k, then `kv_store` of the rotated k and v, in one launch: the rotated
+    q."""
+    return _triton("rotary", "rotary_kv_store")(
+        positions, q, k, v, cos, sin, k_cache, v_cache, slots, k_scale, v_scale
+    )
+
+
 def paged_decode_attention(
     q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, k_scale=1.0, v_scale=1.0,
     num_splits=None,

@@ -47,8 +47,8 @@ class DecoderAttention(nn.Module):
         v = v.reshape(T, -1, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(positions, q, k)
-        return self.o_proj(self.attn(q, k, v, meta, cache))
+        # rotary goes with the KV store (one kernel on CUDA)
+        return self.o_proj(self.attn(q, k, v, meta, cache, rope=(rotary, positions)))
 
 
 class DecoderMLP(nn.Module):

@@ -110,3 +110,28 @@ def test_kv_store_writes_only_its_slots(dev, cache_dtype):
     keep[[5, 77]] = False
     assert torch.equal(kc[keep].float(), k0[keep].float())
     assert torch.equal(vc[keep].float(), v0[keep].float())
+
+
+@pytest.mark.parametrize("cache_dtype", [ACT_DTYPE, torch.float8_e4m3fn])
+def test_rotary_kv_store_equals_rotary_then_store(dev, cache_dtype):
+    """The fused launch gives bit for bit what `rotary` then `kv_store` give (q returned, k
+    rotated and v at their slots, fp8 as x / scale), and slot -1 writes nothing."""
+    from lowbit.layers.rotary import RotaryEmbedding
+
+    gen = torch.Generator().manual_seed(3)
+    rope = RotaryEmbedding(D, 512, 10000.0, None).to(dev)
+    kc, vc = _cache(dev, 8, cache_dtype, gen)
+    qkv = torch.randn(3, (H + 2 * HKV) * D, generator=gen).to(dev, ACT_DTYPE)
+    q, k, v = (t.view(3, -1, D) for t in qkv.split([H * D, HKV * D, HKV * D], dim=-1))
+    pos = torch.tensor([0, 7, 300], device=dev)
+    slots = torch.tensor([5, -1, 77], device=dev)
+    scale = 2.0 if cache_dtype.itemsize == 1 else 1.0
+    kc2, vc2 = kc.clone(), vc.clone()
+    rq, rk = dispatch.rotary(pos, q, k, rope.cos, rope.sin)
+    dispatch.kv_store(rk, v, kc, vc, slots, scale, scale)
+    got = dispatch.rotary_kv_store(pos, q, k, v, rope.cos, rope.sin, kc2, vc2, slots, scale,
+                                   scale)  # fmt: skip
+    assert torch.equal(got, rq)
+    assert torch.equal(kc2.view(torch.uint8), kc.view(torch.uint8))
+    assert torch.equal(vc2.view(torch.uint8), vc.view(torch.uint8))
+    assert rel_err(kc2[77].float() * scale, rk[2].float()) < 0.1  # it wrote, and rotated
