@@ -80,6 +80,11 @@ def lowbit_decode_flags(variant: str):
         "canonical": (dispatch, "WNA16_MMA", False),
         "late": (wna16_mma, "EARLY", False),
         "att64": (paged_decode_attention, "MIN_SPLIT_TOKENS", 64),
+        "attbn128": (paged_decode_attention, "BLOCK_N", 128),
+        "attbn32": (paged_decode_attention, "BLOCK_N", 32),
+        "atts3": (paged_decode_attention, "NUM_STAGES", 3),
+        "attw8": (paged_decode_attention, "NUM_WARPS", 8),
+        "e2": (wna16_mma, "SMALL_N_E", 2),
     }
     scheme, *flags = variant.split("+")
     if set(flags) - {"eager", *overrides}:

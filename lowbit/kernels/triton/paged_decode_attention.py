@@ -22,6 +22,8 @@ from lowbit.kernels.triton.common import (
 )
 
 BLOCK_N = 64  # context tokens per inner step
+NUM_STAGES = 2  # loads in flight across steps (Triton's pipeliner)
+NUM_WARPS = 4
 TARGET_PROGRAMS = 264  # ~2 waves of 132 SMs (H100 SXM)
 MAX_SPLITS = 32
 # fewest context tokens a split takes: a sequence this short is one program a KV head, which
@@ -233,7 +235,8 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, NUM_SPLITS=splits,
         IS_FP8=k_cache.dtype.itemsize == 1, FUSED_MERGE=counters is not None,
-        MIN_TOKENS=MIN_SPLIT_TOKENS, **pdl(q.device), num_warps=4, num_stages=2,
+        MIN_TOKENS=MIN_SPLIT_TOKENS, **pdl(q.device), num_warps=NUM_WARPS,
+        num_stages=NUM_STAGES,
     )  # fmt: skip
     if splits > 1 and counters is None:
         _merge_splits_kernel[(B, H)](

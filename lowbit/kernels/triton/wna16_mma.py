@@ -34,6 +34,7 @@ MAX_M = 64
 # the first group's weight loads go out before the PDL wait (H100, benchmarks/RESULTS.md run
 # 11: o at M = 1 8.2 → 7.6 µs, the other shapes 0.1-0.8 µs faster)
 EARLY = True
+SMALL_N_E = 1  # column tiles a warp at M ≤ 8 for N ≤ 8192
 
 
 @triton.constexpr_function
@@ -304,8 +305,10 @@ def _config(M: int, N: int, K: int, G: int, **over) -> dict[str, int]:
     # the GEMV's 12.8 / 11.7 / 33.4 / 22.1); at larger M 4-warp programs and at most 4 splits:
     # the finish (one program summing every split's M × 128 partials) grows with the splits
     # (o at M = 16: 12.5 µs with ≤ 4 splits, 19.9 with ≤ 16)
-    if mt == 1:
-        c = {"e": 2, "warps": 1, "waves": 32, "max_split": 16, "early": EARLY}
+    if mt == 1:  # one column tile a warp up to N = 8192 (µs, e = 1 vs 2, run 11: qkv 9.25 vs
+        # 9.85, o 7.6 vs 7.74, down 17.2 vs 17.9; gate_up 31.6 vs 26.9)
+        e = SMALL_N_E if N <= 8192 else 2
+        c = {"e": e, "warps": 1, "waves": 32, "max_split": 16, "early": EARLY}
     else:  # 8 splits for long K (down at M = 16: 31.6 → 25.0 µs; 4 → 8 was slower on o)
         c = {"e": 2 if mt == 2 else 8 // mt, "warps": 4, "waves": 8,
              "max_split": 8 if K >= 8192 else 4,
