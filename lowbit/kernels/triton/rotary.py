@@ -31,49 +31,52 @@ def _rotary_kernel(
     h = tl.program_id(1)
     i = tl.arange(0, BLOCK)
     mask = i < HALF
-    row = t.to(tl.int64)
-    write = row >= 0
     if h < H:
-        src = q_ptr + t * stride_qt + h * stride_qh
-        dst = qo_ptr + t * stride_qot + h * stride_qoh
+        y1, y2 = _rotate(q_ptr + t * stride_qt + h * stride_qh, pos_ptr, cos_ptr, sin_ptr, t,
+                         stride_c, i, mask, HALF)  # fmt: skip
+        _store_half(qo_ptr + t * stride_qot + h * stride_qoh, y1, y2, i, mask, 1.0, False,
+                    FP8_MAX, HALF)  # fmt: skip
     else:
-        if STORE:
-            row = tl.load(slot_ptr + t).to(tl.int64)
-            write = row >= 0
-        src = k_ptr + t * stride_kt + (h - H) * stride_kh
-        dst = ko_ptr + row * stride_kot + (h - H) * stride_koh
-    if write:
-        pos = tl.load(pos_ptr + t).to(tl.int64)
-        x1 = tl.load(src + i, mask=mask, other=0.0)
-        x2 = tl.load(src + HALF + i, mask=mask, other=0.0)
-        c = tl.load(cos_ptr + pos * stride_c + i, mask=mask, other=0.0).to(x1.dtype)
-        s = tl.load(sin_ptr + pos * stride_c + i, mask=mask, other=0.0).to(x1.dtype)
-        y1 = x1 * c - x2 * s
-        y2 = x2 * c + x1 * s
-        if STORE:
-            if h >= H:  # the value head beside the key head, into the value cache
-                vsrc = v_ptr + t * stride_vt + (h - H) * stride_vh
-                vdst = vo_ptr + row * stride_kot + (h - H) * stride_koh
-                _store_half(vdst, tl.load(vsrc + i, mask=mask), i, mask, inv_v_scale, IS_FP8,
-                            FP8_MAX)  # fmt: skip
-                _store_half(vdst + HALF, tl.load(vsrc + HALF + i, mask=mask), i, mask,
-                            inv_v_scale, IS_FP8, FP8_MAX)  # fmt: skip
-                _store_half(dst, y1, i, mask, inv_k_scale, IS_FP8, FP8_MAX)
-                _store_half(dst + HALF, y2, i, mask, inv_k_scale, IS_FP8, FP8_MAX)
-            else:
-                tl.store(dst + i, y1.to(dst.dtype.element_ty), mask=mask)
-                tl.store(dst + HALF + i, y2.to(dst.dtype.element_ty), mask=mask)
+        j = h - H
+        if STORE:  # pointers of different dtypes (fp8 caches) stay in their own branch
+            slot = tl.load(slot_ptr + t).to(tl.int64)
+            if slot >= 0:
+                y1, y2 = _rotate(k_ptr + t * stride_kt + j * stride_kh, pos_ptr, cos_ptr,
+                                 sin_ptr, t, stride_c, i, mask, HALF)  # fmt: skip
+                dst = slot * stride_kot + j * stride_koh
+                _store_half(ko_ptr + dst, y1, y2, i, mask, inv_k_scale, IS_FP8, FP8_MAX, HALF)
+                vsrc = v_ptr + t * stride_vt + j * stride_vh
+                v1 = tl.load(vsrc + i, mask=mask)
+                v2 = tl.load(vsrc + HALF + i, mask=mask)
+                _store_half(vo_ptr + dst, v1, v2, i, mask, inv_v_scale, IS_FP8, FP8_MAX, HALF)
         else:
-            tl.store(dst + i, y1.to(dst.dtype.element_ty), mask=mask)
-            tl.store(dst + HALF + i, y2.to(dst.dtype.element_ty), mask=mask)
+            y1, y2 = _rotate(k_ptr + t * stride_kt + j * stride_kh, pos_ptr, cos_ptr, sin_ptr,
+                             t, stride_c, i, mask, HALF)  # fmt: skip
+            _store_half(ko_ptr + t * stride_kot + j * stride_koh, y1, y2, i, mask, 1.0, False,
+                        FP8_MAX, HALF)  # fmt: skip
 
 
 @triton.jit
-def _store_half(dst, x, i, mask, inv_scale, IS_FP8: tl.constexpr, FP8_MAX: tl.constexpr):
-    """x at dst + i into a cache: fp8 as x / scale saturated to the format's largest value."""
+def _rotate(src, pos_ptr, cos_ptr, sin_ptr, t, stride_c, i, mask, HALF: tl.constexpr):
+    """The two rotated halves of the head at src for token t's position."""
+    pos = tl.load(pos_ptr + t).to(tl.int64)
+    x1 = tl.load(src + i, mask=mask, other=0.0)
+    x2 = tl.load(src + HALF + i, mask=mask, other=0.0)
+    c = tl.load(cos_ptr + pos * stride_c + i, mask=mask, other=0.0).to(x1.dtype)
+    s = tl.load(sin_ptr + pos * stride_c + i, mask=mask, other=0.0).to(x1.dtype)
+    return x1 * c - x2 * s, x2 * c + x1 * s
+
+
+@triton.jit
+def _store_half(dst, x1, x2, i, mask, inv_scale, IS_FP8: tl.constexpr, FP8_MAX: tl.constexpr,
+                HALF: tl.constexpr):  # fmt: skip
+    """Halves x1, x2 of a head at dst: fp8 as x / scale saturated to the format's largest
+    value."""
     if IS_FP8:
-        x = tl.clamp(x.to(tl.float32) * inv_scale, -FP8_MAX, FP8_MAX)
-    tl.store(dst + i, x.to(dst.dtype.element_ty), mask=mask)
+        x1 = tl.clamp(x1.to(tl.float32) * inv_scale, -FP8_MAX, FP8_MAX)
+        x2 = tl.clamp(x2.to(tl.float32) * inv_scale, -FP8_MAX, FP8_MAX)
+    tl.store(dst + i, x1.to(dst.dtype.element_ty), mask=mask)
+    tl.store(dst + HALF + i, x2.to(dst.dtype.element_ty), mask=mask)
 
 
 def _check(positions: Tensor, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
