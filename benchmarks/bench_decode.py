@@ -7,7 +7,8 @@ B prompts of --prompt tokens, then times --steps greedy decode steps (forward + 
 next step's metadata), reporting B × steps / seconds. Baseline in the same run: HF transformers
 eager (same config, random bf16 weights, sdpa, DynamicCache), and torchao int4wo-128 with a
 static cache under torch.compile (batch sizes --torchao-batches; skipped when torchao is not
-installed — carry its wheel to the lent machine).
+installed — carry its wheel to the lent machine). `--engine` adds, per variant, batch 1 through
+`lowbit.Engine.generate` (`lowbit-engine` rows: what a user of the engine waits for a token).
 
 Variant names: `<scheme>[+eager][+nopdl][+cublas][+twolaunch][+unfusedq][+canonical]`;
 `+canonical` keeps int4 weights in the canonical layout and its GEMV / MMA kernels instead of
@@ -159,6 +160,46 @@ def _lowbit_decode(model_dir, scheme, variant, flags, batches, prompt, steps):
     return out
 
 
+def engine_decode(model_dir: Path, variant: str, prompt: int, steps: int) -> dict:
+    """Batch-1 decode through `lowbit.Engine.generate`: the runner loop above plus what a user
+    of the engine also waits for each step — scheduler, sampler (its device-to-host sync),
+    detokenizer and stop checks. tok/s = steps / (time of 1 + steps new tokens - time of 1)."""
+    import lowbit
+    import lowbit.engine.engine as engine_mod
+
+    with lowbit_decode_flags(variant) as (scheme, flags):
+        saved = engine_mod.resolve_plan
+        if scheme != "bf16":  # lowbit's own plan over the dummy weights, as the runner loop
+            engine_mod.resolve_plan = lambda *a, **k: bench_plan(scheme)
+        try:
+            with fast_dummy_weights():
+                eng = lowbit.Engine(
+                    str(model_dir), load_format="dummy", dtype="bfloat16", device="cuda",
+                    max_running_requests=1, max_total_tokens=prompt + steps + 64,
+                    disable_cuda_graph="eager" in flags,
+                )  # fmt: skip
+        finally:
+            engine_mod.resolve_plan = saved
+        ids = torch.randint(3, eng.model_config.vocab_size, (prompt,)).tolist()
+        params = {"temperature": 0, "ignore_eos": True}
+        eng.generate([ids], {**params, "max_new_tokens": 8})  # warm-up
+        times = []
+        for n in (1, 1 + steps):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = eng.generate([ids], {**params, "max_new_tokens": n})
+            times.append(time.perf_counter() - t0)
+            assert len(out[0].outputs[0].token_ids) == n
+        eng.shutdown()
+    del eng
+    _free()
+    dt = times[1] - times[0]
+    row = {"engine": "lowbit-engine", "variant": variant, "batch": 1, "tok_s": steps / dt,
+           "ms_per_step": 1e3 * dt / steps}  # fmt: skip
+    print(row, flush=True)
+    return row
+
+
 def _hf_model():
     """HF transformers Llama of the benchmark shape on the GPU: random bf16 weights, sdpa."""
     import transformers
@@ -259,6 +300,12 @@ def main() -> None:
         default="1",
         help="batch sizes of the torchao int4wo-128+compile baseline ('' skips it)",
     )
+    ap.add_argument(
+        "--engine",
+        action="store_true",
+        help="also time batch 1 through lowbit.Engine.generate (scheduler, sampler, "
+        "detokenizer and the per-step sync included)",
+    )
     ap.add_argument("--out", type=Path, default=None, help="also copy the JSON here")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -280,6 +327,14 @@ def main() -> None:
                 print(f"ERROR {variant}: {type(e).__name__}: {e}", flush=True)
                 rows.append({"engine": "lowbit", "variant": variant, "error": str(e)[:300]})
                 _free()
+            if args.engine:
+                try:
+                    rows.append(engine_decode(model_dir, variant, args.prompt, args.steps))
+                except Exception as e:
+                    print(f"ERROR engine {variant}: {type(e).__name__}: {e}", flush=True)
+                    rows.append({"engine": "lowbit-engine", "variant": variant,
+                                 "error": str(e)[:300]})  # fmt: skip
+                    _free()
             save("decode", {"env": env, "rows": rows}, args.out)  # partial results survive
     tao_batches = [int(b) for b in args.torchao_batches.split(",") if b]
     try:
