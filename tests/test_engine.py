@@ -197,3 +197,22 @@ def test_sampling_params_object_and_dict_agree(engine):
     a = engine.generate("x", lowbit.SamplingParams(temperature=0, max_new_tokens=5))[0].text
     b = engine.generate("x", {"temperature": 0, "max_new_tokens": 5})[0].text
     assert a == b
+
+
+def test_sample_leaves_the_logits_alone_and_penalizes_only_its_row():
+    """`sample` copies the logits only when a row has penalties, and never changes the
+    caller's tensor: a penalized row and an unpenalized row of one batch."""
+    from lowbit.engine.request import SamplingParams
+    from lowbit.engine.sampler import SampleRow, sample
+
+    logits = torch.tensor([[0.0, 3.0, 2.0, 1.0], [0.0, 3.0, 2.0, 1.0]])
+    before = logits.clone()
+    rows = [
+        SampleRow(SamplingParams(temperature=0, repetition_penalty=10.0), [1], [], None),
+        SampleRow(SamplingParams(temperature=0), [1], [], None),
+    ]
+    tokens, _ = sample(logits, rows, None)
+    assert tokens == [2, 1]  # token 1 (seen in the prompt) penalized in row 0 only
+    assert torch.equal(logits, before)
+    tokens, _ = sample(logits, rows[1:] * 2, None)  # no penalties: no copy, same answer
+    assert tokens == [1, 1] and torch.equal(logits, before)

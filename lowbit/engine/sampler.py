@@ -20,6 +20,11 @@ class SampleRow:
     generator: torch.Generator | None  # set for requests with a seed
 
 
+def _penalized(p: SamplingParams) -> bool:
+    """Whether `_apply_penalties` changes this request's logits."""
+    return p.repetition_penalty != 1.0 or bool(p.frequency_penalty or p.presence_penalty)
+
+
 def _apply_penalties(logits: Tensor, rows: list[SampleRow]) -> Tensor:
     """Repetition (prompt and output), frequency and presence (output) penalties, in place."""
     for i, row in enumerate(rows):
@@ -66,7 +71,8 @@ def sample(
     """(N, V) float32 logits → one token per row, and top-k logprobs where asked."""
     logprob_rows = [r.params.logprobs for r in rows]
     raw_logprobs = logits.log_softmax(-1) if any(k is not None for k in logprob_rows) else None
-    logits = _apply_penalties(logits.clone(), rows)
+    if any(_penalized(r.params) for r in rows):  # only then a copy (in place below)
+        logits = _apply_penalties(logits.clone(), rows)
     tokens = logits.argmax(-1)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if random_rows:
