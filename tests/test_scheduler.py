@@ -102,3 +102,15 @@ def test_abort_frees_blocks_of_waiting_and_running():
     sched.finish(a, "abort")
     sched.finish(b, "abort")
     assert alloc.num_free == 4 and not sched.has_work()
+
+
+def test_token_slice_equals_slicing_token_ids():
+    """`Sequence.token_slice` (what a step reads) is token_ids[start:stop] for every range
+    across the prompt / output boundary, empty ones and an empty output included."""
+    seq = Sequence("r", 0, list(range(100, 107)), SamplingParams())
+    for out in ([], [7, 8, 9]):
+        seq.output_ids = list(out)
+        n = seq.num_tokens
+        for start in range(n + 1):
+            for stop in range(start, n + 1):
+                assert seq.token_slice(start, stop) == seq.token_ids[start:stop], (start, stop)

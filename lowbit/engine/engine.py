@@ -194,7 +194,7 @@ class Engine:
         sampling = [s.seq for s in batch if s.samples]
         for s in batch:
             seq = s.seq
-            ids += seq.token_ids[seq.num_computed : seq.num_computed + s.num_new]
+            ids += seq.token_slice(seq.num_computed, seq.num_computed + s.num_new)
             seq_lens.append(seq.num_computed + s.num_new)
             query_lens.append(s.num_new)
             tables.append(seq.block_table)

@@ -118,6 +118,15 @@ class Sequence:
         """Prompt then output."""
         return self.prompt_ids + self.output_ids
 
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """token_ids[start:stop] without building the whole list (a decode step reads one)."""
+        P = len(self.prompt_ids)
+        if start >= P:
+            return self.output_ids[start - P : stop - P]
+        if stop <= P:
+            return self.prompt_ids[start:stop]
+        return self.prompt_ids[start:] + self.output_ids[: stop - P]
+
     @property
     def num_tokens(self) -> int:
         """Prompt plus output length."""
