@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 
 from lowbit.engine.kv_cache import BlockAllocator
 from lowbit.engine.request import SamplingParams, Sequence
@@ -114,3 +115,24 @@ def test_token_slice_equals_slicing_token_ids():
         for start in range(n + 1):
             for stop in range(start, n + 1):
                 assert seq.token_slice(start, stop) == seq.token_ids[start:stop], (start, stop)
+
+
+def test_block_table_rows_equal_padded_tables_as_tables_grow_and_change():
+    """The decode graph's incremental host table equals `padded_tables` step after step while
+    tables grow in place, get replaced (freed / preempted), the batch shrinks, grows and
+    reorders, and a row gets a shorter table than it had."""
+    from lowbit.layers.attention import BlockTableRows, padded_tables
+
+    rng = random.Random(0)
+    rows = BlockTableRows(8, 64)
+    seqs = [[rng.randrange(1000) for _ in range(rng.randint(1, 5))] for _ in range(12)]
+    for step in range(300):
+        batch = rng.sample(range(len(seqs)), rng.randint(1, 8))
+        for i in batch:
+            r = rng.random()
+            if r < 0.3 and len(seqs[i]) < 64:
+                seqs[i] += [rng.randrange(1000)]  # the scheduler's in-place growth
+            elif r < 0.35:
+                seqs[i] = [rng.randrange(1000)]  # freed and readmitted: a new, shorter list
+        tables = [seqs[i] for i in batch]
+        assert torch.equal(rows.update(tables), padded_tables(tables)), step

@@ -27,10 +27,10 @@ from lowbit.engine.tokenizer import load_tokenizer
 from lowbit.kernels import dispatch
 from lowbit.layers.attention import (
     AttentionMetadata,
+    BlockTableRows,
     KVCache,
     build_metadata,
     kernel_slots,
-    padded_tables,
 )
 from lowbit.layers.linear import LinearBase
 from lowbit.loader.loader import build_model, init_dummy_weights, load_checkpoint
@@ -228,6 +228,7 @@ class ModelRunner:
         self._g_tables = torch.zeros(
             max_b, -(-ctx // self.block_size), dtype=torch.int32, device=dev
         )
+        self._table_rows = BlockTableRows(*self._g_tables.shape)
         pool = None
         with torch.inference_mode():
             for b in reversed(buckets):  # largest first, so smaller graphs reuse its memory
@@ -278,7 +279,7 @@ class ModelRunner:
         self._g_slots[:bucket].copy_(dev[1])
         self._g_lens[:bucket].copy_(dev[2])
         self._g_ids[:B].copy_(ids)
-        tables = padded_tables(block_tables)  # (B, w) int32
+        tables = self._table_rows.update(block_tables)  # (B, w) int32, rows that changed
         self._g_tables[:B, : tables.shape[1]].copy_(tables, non_blocking=True)
         graph, logits = self.graphs[bucket]
         graph.replay()
