@@ -192,6 +192,36 @@ def test_utf8_never_split(engine):
     assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
 
+@pytest.mark.parametrize("skip", [True, False])
+def test_fast_decode_equals_tokenizer_decode(engine, skip):
+    """The detokenizer's direct backend decode gives `tokenizer.decode`'s text for random
+    windows of ids, special tokens and bytes that make no whole character included; a
+    tokenizer that cleans up spaces keeps `tokenizer.decode`."""
+    import random
+
+    from lowbit.engine.tokenizer import fast_decode
+
+    tok = engine.tokenizer
+    decode = fast_decode(tok, skip)
+    assert decode.__code__ is not fast_decode(_CleansUp(tok), skip).__code__  # took the fast path
+    rng = random.Random(skip)
+    for _ in range(300):
+        ids = [rng.randrange(len(tok)) for _ in range(rng.randint(0, 9))]
+        assert decode(ids) == tok.decode(ids, skip_special_tokens=skip), ids
+
+
+class _CleansUp:
+    """A tokenizer stand-in that asks for space clean-up (not a fast tokenizer either)."""
+
+    clean_up_tokenization_spaces = True
+
+    def __init__(self, tok):
+        self.tok = tok
+
+    def decode(self, ids, skip_special_tokens):
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
 def test_sampling_params_object_and_dict_agree(engine):
     """A SamplingParams object and the equivalent dict give the same result."""
     a = engine.generate("x", lowbit.SamplingParams(temperature=0, max_new_tokens=5))[0].text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 
 def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
@@ -36,6 +36,23 @@ def chat_ids(tokenizer, messages: list[dict], chat_template: str | None = None) 
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def fast_decode(tokenizer, skip_special_tokens: bool):
+    """ids → text as `tokenizer.decode(ids, skip_special_tokens=...)` gives it. For a fast
+    tokenizer that overrides neither `decode` nor `_decode` and cleans up no spaces, that is
+    exactly its Rust backend's decode, called directly (2.3 µs a short window instead of 6.2 on
+    the CPU host; the detokenizer decodes twice a token of every running sequence)."""
+    cls = type(tokenizer)
+    if (
+        isinstance(tokenizer, PreTrainedTokenizerFast)
+        and cls.decode is PreTrainedTokenizerBase.decode
+        and cls._decode is PreTrainedTokenizerFast._decode
+        and not tokenizer.clean_up_tokenization_spaces
+    ):
+        backend = tokenizer.backend_tokenizer
+        return lambda ids: backend.decode(ids, skip_special_tokens=skip_special_tokens)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
 class Detokenizer:
     """Turns a growing list of token ids into text deltas that never split a UTF-8 character.
 
@@ -49,11 +66,12 @@ class Detokenizer:
         self.ids = list(prompt_ids)
         self.prefix_offset = max(len(prompt_ids) - 6, 0)
         self.read_offset = len(prompt_ids)
+        self._decode = fast_decode(tokenizer, skip_special_tokens)
 
     def add(self, token_id: int) -> str:
         """Append one token; returns the text it completes (possibly empty)."""
         self.ids.append(token_id)
-        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=self.skip)
+        decode = self._decode
         prefix = decode(self.ids[self.prefix_offset : self.read_offset])
         full = decode(self.ids[self.prefix_offset :])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
