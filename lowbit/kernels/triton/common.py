@@ -110,13 +110,14 @@ class SplitKOutputs:
 
 
 @triton.jit
-def arrive_last(cnt_ptr, tile, SPLIT: tl.constexpr):
-    """Count this program's arrival at `tile` and say whether it is the last of the SPLIT to
-    arrive (the semaphore pattern: a CTA barrier after the program's stores, then one acq_rel
-    atomic at GPU scope: release for this CTA's stores, acquire for the others'). The last one
-    must `reset_arrivals` when done, so the counter is 0 for the next launch."""
+def arrive_last(cnt_ptr, tile, count):
+    """Count this program's arrival at `tile` and say whether it is the last of `count` (a
+    constant or a runtime value) to arrive (the semaphore pattern: a CTA barrier after the
+    program's stores, then one acq_rel atomic at GPU scope: release for this CTA's stores,
+    acquire for the others'). The last one must `reset_arrivals` when done, so the counter is
+    0 for the next launch."""
     tl.debug_barrier()
-    return tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == SPLIT - 1
+    return tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == count - 1
 
 
 @triton.jit

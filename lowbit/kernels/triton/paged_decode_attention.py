@@ -15,6 +15,7 @@ import triton.language as tl
 from torch import Tensor
 
 from lowbit.kernels.triton.common import (
+    arrive_last,
     pdl,
     pdl_enter,
     reset_arrivals,
@@ -132,8 +133,7 @@ def _attend(q_ptr, k_ptr, v_ptr, table_ptr, out_ptr, part_ptr, ml_ptr, cnt_ptr, 
         tl.store(ml_ptr + row * 2 + 1, l_i, mask=g_mask)
         if FUSED_MERGE:  # the last active split of (b, hkv) to finish merges its group's heads
             tile = b * tl.num_programs(1) + hkv
-            tl.debug_barrier()  # `arrive_last`, counting to the active splits
-            if tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu") == active - 1:
+            if arrive_last(cnt_ptr, tile, active):
                 for gi in tl.static_range(GROUP):
                     _merge_head(part_ptr, ml_ptr, out_ptr, b, hkv * GROUP + gi, H, active,
                                 stride_ob, stride_oh, HEAD_DIM, BLOCK_D,

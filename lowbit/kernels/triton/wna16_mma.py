@@ -150,7 +150,7 @@ def _fetch_w(w_base, s_ptr, z_ptr, grp, cg, j0, g, stride_sg, stride_zg, GROUP: 
              HAS_ZERO: tl.constexpr, E: tl.constexpr):  # fmt: skip
     """One group's weight loads as one flat tuple: the words (block b, step s, word e at
     (4 b + s) E + e), then the raw scales of rows g and g + 8 and, with zero points, their
-    packed words (`_SZ` a word e, from 4 BLOCKS E)."""
+    packed words (`_sz` of them a word e, from 4 (GROUP // 64) E)."""
     words = ()
     for b in tl.static_range(GROUP // 64):
         for s in tl.static_range(4):
