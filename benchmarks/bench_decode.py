@@ -8,7 +8,8 @@ next step's metadata), reporting B × steps / seconds. Baseline in the same run:
 eager (same config, random bf16 weights, sdpa, DynamicCache), and torchao int4wo-128 with a
 static cache under torch.compile (batch sizes --torchao-batches; skipped when torchao is not
 installed — carry its wheel to the lent machine). `--engine` adds, per variant, batch 1 through
-`lowbit.Engine.generate` (`lowbit-engine` rows: what a user of the engine waits for a token).
+`lowbit.Engine.generate` (`lowbit-engine` rows: what a user of the engine waits for a token;
+`+overlap` turns on the engine's `overlap_schedule`, which only those rows use).
 
 Variant names: `<scheme>[+eager][+nopdl][+cublas][+twolaunch][+unfusedq][+canonical]`;
 `+canonical` keeps int4 weights in the canonical layout and its GEMV / MMA kernels instead of
@@ -88,8 +89,8 @@ def lowbit_decode_flags(variant: str):
         "e2": (wna16_mma, "SMALL_N_E", 2),
     }
     scheme, *flags = variant.split("+")
-    if set(flags) - {"eager", *overrides}:
-        raise ValueError(f"variant {variant!r}: the flags are {['eager', *overrides]}")
+    if set(flags) - {"eager", "overlap", *overrides}:
+        raise ValueError(f"variant {variant!r}: the flags are {['eager', 'overlap', *overrides]}")
     saved = {f: getattr(*overrides[f][:2]) for f in flags if f in overrides}
     try:
         for f in saved:
@@ -176,7 +177,7 @@ def engine_decode(model_dir: Path, variant: str, prompt: int, steps: int) -> dic
                 eng = lowbit.Engine(
                     str(model_dir), load_format="dummy", dtype="bfloat16", device="cuda",
                     max_running_requests=1, max_total_tokens=prompt + steps + 64,
-                    disable_cuda_graph="eager" in flags,
+                    disable_cuda_graph="eager" in flags, overlap_schedule="overlap" in flags,
                 )  # fmt: skip
         finally:
             engine_mod.resolve_plan = saved

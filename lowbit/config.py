@@ -65,6 +65,10 @@ class EngineArgs:
     max_num_batched_tokens: int = 2048
     mem_fraction_static: float = 0.85
     disable_cuda_graph: bool = False
+    # Launch the next decode step before handling this one's tokens on the host (their
+    # detokenizing, stop checks and deltas then run while the GPU computes): deltas come one
+    # step later. Off until measured on the GPU (benchmarks/bench_decode.py --engine).
+    overlap_schedule: bool = False
     tp_size: int = 1
     revision: str | None = None
     show_progress: bool = True

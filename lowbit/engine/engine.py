@@ -21,13 +21,24 @@ from lowbit.engine.request import (
     StreamDelta,
 )
 from lowbit.engine.runner import ModelRunner, pick_device
-from lowbit.engine.sampler import SampleRow, sample
+from lowbit.engine.sampler import SampleRow, sample, sample_on_device
 from lowbit.engine.scheduler import Scheduler
 from lowbit.engine.tokenizer import Detokenizer, StopChecker, chat_ids, load_tokenizer
 from lowbit.loader.weights import resolve_model_path
 from lowbit.quant.resolve import CALIBRATED, detect, resolve_plan
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _InFlight:
+    """A step whose tokens are still on the device: the sampled sequences, the tokens, and
+    their host copy (pinned, valid once `ready` has happened; no event off CUDA)."""
+
+    seqs: list[Sequence]
+    tokens: Tensor
+    host: Tensor
+    ready: torch.cuda.Event | None
 
 
 @dataclass
@@ -85,6 +96,7 @@ class Engine:
             self.eos_token_ids.add(self.tokenizer.eos_token_id)
         self._requests: dict[str, list[Sequence]] = {}
         self._pending: list[StreamDelta] = []
+        self._in_flight: _InFlight | None = None  # overlap_schedule: a step not yet landed
 
     def _calibrate(self, quantization: str):
         """GPTQ/AWQ on a full-precision checkpoint: calibrate once into a cached checkpoint."""
@@ -178,15 +190,27 @@ class Engine:
 
     def has_unfinished(self) -> bool:
         """Whether any request is still running or waiting (or has deltas to hand out)."""
-        return self.scheduler.has_work() or bool(self._pending)
+        return self.scheduler.has_work() or bool(self._pending) or self._in_flight is not None
 
     def release(self, request_id: str) -> list[Sequence]:
         """Forget a finished request; returns its sequences."""
         return self._requests.pop(request_id, [])
 
     def step(self) -> list[StreamDelta]:
-        """Run one batch; the deltas of every sequence that produced text or finished."""
+        """Run one batch; the deltas of every sequence that produced text or finished.
+
+        With `overlap_schedule`, a batch whose tokens can be sampled without the host stays in
+        flight: the next call launches the following decode step for the same sequences from
+        those tokens (still on the device) when nothing else needs scheduling, and only then
+        waits for them and turns them into deltas, while the GPU computes."""
         out, self._pending = self._pending, []
+        prev, self._in_flight = self._in_flight, None
+        if prev is not None:
+            if self._continues(prev):
+                self._in_flight = self._launch_decode(prev.seqs, prev.tokens)
+            out += self._land(prev)
+            if self._in_flight is not None:
+                return out
         batch = self.scheduler.schedule()
         if not batch:
             return out
@@ -209,10 +233,88 @@ class Engine:
         rows = [
             SampleRow(q.params, q.prompt_ids, q.output_ids, q.state.generator) for q in sampling
         ]
+        if self.args.overlap_schedule and all(self._device_sampled(q) for q in sampling):
+            self._in_flight = self._fly(
+                sampling, sample_on_device(logits, rows, self.runner.generator)
+            )
+            return out
         tokens, logprobs = sample(logits, rows, self.runner.generator)
         for seq, tok, lp in zip(sampling, tokens, logprobs):
             out.append(self._append_token(seq, tok, lp))
         return out
+
+    # ---- overlap_schedule ----
+
+    @staticmethod
+    def _device_sampled(seq: Sequence) -> bool:
+        """Whether its next token needs nothing of the host (no logprobs to read, no penalties
+        over output tokens the host has not seen yet)."""
+        p = seq.params
+        return (
+            p.logprobs is None
+            and p.repetition_penalty == 1.0
+            and not (p.frequency_penalty or p.presence_penalty)
+        )
+
+    def _fly(self, seqs: list[Sequence], tokens: Tensor) -> _InFlight:
+        """Start copying a step's tokens to the host; the step stays in flight."""
+        if tokens.device.type != "cuda":
+            return _InFlight(seqs, tokens, tokens, None)
+        host = tokens.to("cpu", non_blocking=True)  # pinned
+        ready = torch.cuda.Event()
+        ready.record()
+        return _InFlight(seqs, tokens, host, ready)
+
+    def _continues(self, prev: _InFlight) -> bool:
+        """Whether the next step is a decode step of exactly prev's sequences, whatever tokens
+        they got: none waiting to be admitted, every running one among them, none at its length
+        limit after this token, blocks for one more token each."""
+        seqs = prev.seqs
+        if not self.args.overlap_schedule or self.scheduler.waiting:
+            return False
+        if (
+            len(seqs) != len(self.scheduler.running)
+            or len(seqs) > self.scheduler.max_batched_tokens
+        ):
+            return False
+        running = {id(s) for s in self.scheduler.running}
+        for s in seqs:
+            if id(s) not in running or s.num_computed != s.num_tokens:
+                return False
+            if len(s.output_ids) + 1 >= s.params.max_new_tokens:
+                return False
+            if s.num_tokens + 1 >= self.context_length:
+                return False
+        return all(self.scheduler.reserve(s, s.num_computed + 1) for s in seqs)
+
+    def _launch_decode(self, seqs: list[Sequence], ids: Tensor) -> _InFlight:
+        """One decode step of `seqs` from their last tokens `ids`, still on the device."""
+        B = len(seqs)
+        logits = self.runner.forward(
+            ids, [s.num_computed + 1 for s in seqs], [1] * B, [s.block_table for s in seqs],
+            logits_at=list(range(B)),
+        )  # fmt: skip
+        for s in seqs:
+            s.num_computed += 1
+        rows = [SampleRow(q.params, q.prompt_ids, q.output_ids, q.state.generator) for q in seqs]
+        return self._fly(seqs, sample_on_device(logits, rows, self.runner.generator))
+
+    def _land(self, prev: _InFlight) -> list[StreamDelta]:
+        """Wait for an in-flight step's tokens and record them (sequences that finished or
+        were aborted meanwhile drop theirs)."""
+        if prev.ready is not None:
+            prev.ready.synchronize()
+        return [
+            self._append_token(seq, tok, None)
+            for seq, tok in zip(prev.seqs, prev.host.tolist())
+            if not seq.finished
+        ]
+
+    def _drain(self) -> None:
+        """Land the step in flight, if any, into the pending deltas."""
+        prev, self._in_flight = self._in_flight, None
+        if prev is not None:
+            self._pending += self._land(prev)
 
     def _append_token(self, seq: Sequence, tok: int, lp: dict | None) -> StreamDelta:
         """Record a sampled token, detokenize it, and decide whether the sequence stops."""
@@ -261,6 +363,7 @@ class Engine:
         ids = [self.add_request(p, sp) for p, sp in zip(prompt_list, params)]
         while any(not s.finished for rid in ids for s in self._requests[rid]):
             self.step()
+        self._drain()  # a step launched before the last tokens ended these requests
         self._pending = [d for d in self._pending if d.request_id not in ids]
         return [
             self._request_output(rid, p if isinstance(p, str) else None)
@@ -306,6 +409,7 @@ class Engine:
         if not token_ids or not all(isinstance(r, list) for r in token_ids):
             raise ValueError("token_ids must be a non-empty list of lists of token ids")
         rows = [self.encode(r) for r in token_ids]
+        self._drain()
         T = max(len(r) for r in rows)
         out = torch.zeros(len(rows), T, self.model_config.vocab_size)
         for b, row in enumerate(rows):
@@ -337,6 +441,7 @@ class Engine:
 
     def shutdown(self) -> None:
         """Drop all requests and release the model and its memory."""
+        self._in_flight = None
         for rid in list(self._requests):
             self.abort(rid)
             self.release(rid)

@@ -71,6 +71,25 @@ def sample(
     """(N, V) float32 logits → one token per row, and top-k logprobs where asked."""
     logprob_rows = [r.params.logprobs for r in rows]
     raw_logprobs = logits.log_softmax(-1) if any(k is not None for k in logprob_rows) else None
+    token_list = sample_on_device(logits, rows, generator).tolist()
+    logprobs: list[dict[int, float] | None] = [None] * len(rows)
+    if raw_logprobs is not None:
+        for i, k in enumerate(logprob_rows):
+            if k is None:
+                continue
+            entry = {token_list[i]: raw_logprobs[i, token_list[i]].item()}
+            if k > 0:
+                top = raw_logprobs[i].topk(k)
+                entry.update(zip(top.indices.tolist(), top.values.tolist()))
+            logprobs[i] = entry
+    return token_list, logprobs
+
+
+def sample_on_device(
+    logits: Tensor, rows: list[SampleRow], generator: torch.Generator | None
+) -> Tensor:
+    """(N, V) float32 logits → (N,) token ids on their device, with no host sync (penalties
+    read the rows' token lists as they are now)."""
     if any(_penalized(r.params) for r in rows):  # only then a copy (in place below)
         logits = _apply_penalties(logits.clone(), rows)
     tokens = logits.argmax(-1)
@@ -85,15 +104,4 @@ def sample(
             if rows[i].generator is not None:
                 noise[j] = torch.empty_like(probs[j]).exponential_(generator=rows[i].generator)
         tokens[idx] = (probs / noise).argmax(-1)
-    token_list = tokens.tolist()
-    logprobs: list[dict[int, float] | None] = [None] * len(rows)
-    if raw_logprobs is not None:
-        for i, k in enumerate(logprob_rows):
-            if k is None:
-                continue
-            entry = {token_list[i]: raw_logprobs[i, token_list[i]].item()}
-            if k > 0:
-                top = raw_logprobs[i].topk(k)
-                entry.update(zip(top.indices.tolist(), top.values.tolist()))
-            logprobs[i] = entry
-    return token_list, logprobs
+    return tokens

@@ -83,6 +83,11 @@ class Scheduler:
             budget -= n
         return batch
 
+    def reserve(self, seq: Sequence, num_tokens: int) -> bool:
+        """Grow a running sequence's block table to hold `num_tokens` (the engine's overlapped
+        decode step, which skips `schedule`); False when blocks run out."""
+        return self._reserve(seq, num_tokens)
+
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
         """Grow the sequence's block table to hold `num_tokens`; False when blocks run out."""
         need = self.allocator.blocks_for(num_tokens) - len(seq.block_table)

@@ -67,10 +67,12 @@ class Served:
 
 
 @contextmanager
-def serve(model_dir, **app_kw) -> Iterator[Served]:
-    """A uvicorn server (in a thread) over an engine process serving `model_dir`; `app_kw` go
-    to create_app."""
-    engine = EngineProcess(EngineArgs(str(model_dir), device="cpu", max_total_tokens=8192))
+def serve(model_dir, engine_kw: dict | None = None, **app_kw) -> Iterator[Served]:
+    """A uvicorn server (in a thread) over an engine process serving `model_dir`; `engine_kw`
+    go to EngineArgs, `app_kw` to create_app."""
+    engine = EngineProcess(
+        EngineArgs(str(model_dir), device="cpu", max_total_tokens=8192, **(engine_kw or {}))
+    )
     engine.start()
     app = create_app(engine, MODEL, **app_kw)
     port = free_port()

@@ -150,3 +150,38 @@ def test_hung_engine_is_stopped_and_requests_fail(watched_server):
         assert http.get("/health").status_code == 503
         served.engine.process.join(5)  # killed without waiting, so as not to block the loop
         assert not served.engine.alive
+
+
+def test_overlapped_server_streams_what_the_plain_one_does(server, tiny_llama):
+    """A server whose engine runs with overlap_schedule streams 16 concurrent greedy requests
+    of mixed lengths token for token as the plain server does, and ends idle."""
+    from conftest import serve
+
+    def run(url: str) -> list[tuple[str, list]]:
+        async def one(client, i: int):
+            stream = await client.completions.create(
+                model=MODEL, prompt=f"Request {i}: hello", max_tokens=4 + i % 7, stream=True,
+                temperature=0, extra_body=EXACT,
+            )  # fmt: skip
+            text, reasons = "", []
+            async for chunk in stream:
+                text += chunk.choices[0].text
+                reasons.append(chunk.choices[0].finish_reason)
+            return text, reasons[-1]
+
+        async def all_of_them():
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
+            try:
+                return await asyncio.gather(*(one(client, i) for i in range(16)))
+            finally:
+                await client.close()
+
+        return asyncio.run(all_of_them())
+
+    openai = pytest.importorskip("openai")
+    want = run(server.url)
+    with serve(tiny_llama, engine_kw={"overlap_schedule": True}) as overlapped:
+        assert run(overlapped.url) == want
+        stats = overlapped.wait_idle()
+    assert all(reason == "length" for _, reason in want)
+    assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
