@@ -75,3 +75,21 @@ def test_graph_replay_logits_equal_eager_forward(bf16_llama, dev):
         runner.graphs = graphs
         assert torch.isfinite(graph_logits).all()
         assert rel_err(graph_logits, eager) < 1e-2
+
+
+def test_overlap_schedule_matches_plain_on_cuda(bf16_llama, dev):
+    """overlap_schedule with CUDA graphs: the pinned token copy and its event hand the host
+    the right tokens — a ragged greedy batch with stops comes out as without overlap."""
+    if dev.type != "cuda":
+        pytest.skip("the pinned copy and the event are CUDA's")
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, 384, (n,), generator=gen).tolist() for n in (3, 40, 17, 9)]
+    params = [{"temperature": 0, "max_new_tokens": n, "ignore_eos": True} for n in (1, 5, 30, 64)]
+    outs = {}
+    for overlap in (False, True):
+        with lowbit.Engine(
+            str(bf16_llama), device="cuda", max_total_tokens=4096, overlap_schedule=overlap
+        ) as engine:  # fmt: skip
+            assert engine.runner.graphs
+            outs[overlap] = [o.outputs[0].token_ids for o in engine.generate(prompts, params)]
+    assert outs[True] == outs[False]
