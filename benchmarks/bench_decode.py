@@ -81,7 +81,7 @@ def lowbit_decode_flags(variant: str):
         "unfusedq": (dispatch, "FUSE_ACT_QUANT", False),
         "canonical": (dispatch, "WNA16_MMA", False),
         "late": (wna16_mma, "EARLY", False),
-        "att64": (paged_decode_attention, "MIN_SPLIT_TOKENS", 64),
+        "att64": (paged_decode_attention, "SHORT_CONTEXT", 64),
         "attbn128": (paged_decode_attention, "BLOCK_N", 128),
         "attbn32": (paged_decode_attention, "BLOCK_N", 32),
         "atts3": (paged_decode_attention, "NUM_STAGES", 3),

@@ -27,18 +27,20 @@ NUM_STAGES = 2  # loads in flight across steps (Triton's pipeliner)
 NUM_WARPS = 4
 TARGET_PROGRAMS = 264  # ~2 waves of 132 SMs (H100 SXM)
 MAX_SPLITS = 32
-# fewest context tokens a split takes: a sequence this short is one program a KV head, which
-# writes its output itself (no partials, no merge). H100, Llama-3-8B shape, batch 1 at 128-180
-# tokens (benchmarks/RESULTS.md run 11): w4a16 decode 370 tok/s with 64, 364 with 128, 380
-# with 256
-MIN_SPLIT_TOKENS = 256
+# a context of up to this many tokens is one program a KV head, which writes its output itself
+# (no partials, no merge); longer ones split as before. H100, Llama-3-8B shape, batch 1 at
+# 128-180 tokens (benchmarks/RESULTS.md run 11): w4a16 decode 370 tok/s split into 64-token
+# pieces, 380 as one split (and 364 with splits of at least 128)
+SHORT_CONTEXT = 256
 
 
 @triton.jit
 def _active_splits(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
-                   MIN_TOKENS: tl.constexpr):  # fmt: skip
-    """(tokens a split, splits with tokens — at least 1) for a sequence of seq_len tokens."""
-    per_split = tl.maximum(tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N, MIN_TOKENS)
+                   SHORT: tl.constexpr):  # fmt: skip
+    """(tokens a split, splits with tokens — at least 1) for a sequence of seq_len tokens:
+    whole BLOCK_N steps over NUM_SPLITS splits, or one split up to SHORT tokens."""
+    per_split = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    per_split = tl.maximum(tl.where(seq_len <= SHORT, SHORT, per_split), BLOCK_N)  # len 0: 1
     return per_split, tl.maximum(tl.cdiv(seq_len, per_split), 1)
 
 
@@ -49,7 +51,7 @@ def _paged_decode_attention_kernel(
     stride_qb, stride_qh, stride_ks, stride_kh, stride_tb, stride_ob, stride_oh,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    IS_FP8: tl.constexpr, FUSED_MERGE: tl.constexpr, MIN_TOKENS: tl.constexpr,
+    IS_FP8: tl.constexpr, FUSED_MERGE: tl.constexpr, SHORT: tl.constexpr,
     PDL: tl.constexpr,
 ):  # fmt: skip
     pdl_enter(PDL)
@@ -57,7 +59,7 @@ def _paged_decode_attention_kernel(
     hkv = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
-    per_split, active = _active_splits(seq_len, NUM_SPLITS, BLOCK_N, MIN_TOKENS)
+    per_split, active = _active_splits(seq_len, NUM_SPLITS, BLOCK_N, SHORT)
     if split < active:  # the splits past the context have nothing to do, not even arrive
         _attend(q_ptr, k_ptr, v_ptr, table_ptr, out_ptr, part_ptr, ml_ptr, cnt_ptr, scale,
                 k_scale, v_scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_tb,
@@ -145,11 +147,11 @@ def _attend(q_ptr, k_ptr, v_ptr, table_ptr, out_ptr, part_ptr, ml_ptr, cnt_ptr, 
 def _merge_splits_kernel(
     part_ptr, ml_ptr, out_ptr, lens_ptr, stride_ob, stride_oh,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_N: tl.constexpr, MIN_TOKENS: tl.constexpr, PDL: tl.constexpr,
+    BLOCK_N: tl.constexpr, SHORT: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     pdl_enter(PDL)
     b = tl.program_id(0)
-    _, active = _active_splits(tl.load(lens_ptr + b), NUM_SPLITS, BLOCK_N, MIN_TOKENS)
+    _, active = _active_splits(tl.load(lens_ptr + b), NUM_SPLITS, BLOCK_N, SHORT)
     if active > 1:  # one split wrote the output itself
         _merge_head(part_ptr, ml_ptr, out_ptr, b, tl.program_id(1), tl.num_programs(1), active,
                     stride_ob, stride_oh, HEAD_DIM, BLOCK_D, NUM_SPLITS)  # fmt: skip
@@ -235,13 +237,13 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, NUM_SPLITS=splits,
         IS_FP8=k_cache.dtype.itemsize == 1, FUSED_MERGE=counters is not None,
-        MIN_TOKENS=MIN_SPLIT_TOKENS, **pdl(q.device), num_warps=NUM_WARPS,
+        SHORT=SHORT_CONTEXT, **pdl(q.device), num_warps=NUM_WARPS,
         num_stages=NUM_STAGES,
     )  # fmt: skip
     if splits > 1 and counters is None:
         _merge_splits_kernel[(B, H)](
             part, ml, out, seq_lens, out.stride(0), out.stride(1),
             HEAD_DIM=D, BLOCK_D=block_d, NUM_SPLITS=splits, BLOCK_N=BLOCK_N,
-            MIN_TOKENS=MIN_SPLIT_TOKENS, **pdl(out.device), num_warps=4,
+            SHORT=SHORT_CONTEXT, **pdl(out.device), num_warps=4,
         )  # fmt: skip
     return out
