@@ -21,7 +21,7 @@ from lowbit.engine.request import (
     StreamDelta,
 )
 from lowbit.engine.runner import ModelRunner, pick_device
-from lowbit.engine.sampler import SampleRow, sample, sample_on_device
+from lowbit.engine.sampler import SampleRow, penalized, sample, sample_on_device
 from lowbit.engine.scheduler import Scheduler
 from lowbit.engine.tokenizer import Detokenizer, StopChecker, chat_ids, load_tokenizer
 from lowbit.loader.weights import resolve_model_path
@@ -230,15 +230,10 @@ class Engine:
             s.seq.num_computed += s.num_new
         if not sampling:
             return out
-        rows = [
-            SampleRow(q.params, q.prompt_ids, q.output_ids, q.state.generator) for q in sampling
-        ]
         if self.args.overlap_schedule and all(self._device_sampled(q) for q in sampling):
-            self._in_flight = self._fly(
-                sampling, sample_on_device(logits, rows, self.runner.generator)
-            )
+            self._in_flight = self._fly(sampling, self._sample_on_device(logits, sampling))
             return out
-        tokens, logprobs = sample(logits, rows, self.runner.generator)
+        tokens, logprobs = sample(logits, _rows(sampling), self.runner.generator)
         for seq, tok, lp in zip(sampling, tokens, logprobs):
             out.append(self._append_token(seq, tok, lp))
         return out
@@ -249,12 +244,7 @@ class Engine:
     def _device_sampled(seq: Sequence) -> bool:
         """Whether its next token needs nothing of the host (no logprobs to read, no penalties
         over output tokens the host has not seen yet)."""
-        p = seq.params
-        return (
-            p.logprobs is None
-            and p.repetition_penalty == 1.0
-            and not (p.frequency_penalty or p.presence_penalty)
-        )
+        return seq.params.logprobs is None and not penalized(seq.params)
 
     def _fly(self, seqs: list[Sequence], tokens: Tensor) -> _InFlight:
         """Start copying a step's tokens to the host; the step stays in flight."""
@@ -270,16 +260,13 @@ class Engine:
         they got: none waiting to be admitted, every running one among them, none at its length
         limit after this token, blocks for one more token each."""
         seqs = prev.seqs
-        if not self.args.overlap_schedule or self.scheduler.waiting:
+        if self.scheduler.waiting or len(seqs) > self.scheduler.max_batched_tokens:
             return False
-        if (
-            len(seqs) != len(self.scheduler.running)
-            or len(seqs) > self.scheduler.max_batched_tokens
-        ):
+        if len(seqs) != len(self.scheduler.running):
             return False
         running = {id(s) for s in self.scheduler.running}
         for s in seqs:
-            if id(s) not in running or s.num_computed != s.num_tokens:
+            if id(s) not in running:
                 return False
             if len(s.output_ids) + 1 >= s.params.max_new_tokens:
                 return False
@@ -296,8 +283,11 @@ class Engine:
         )  # fmt: skip
         for s in seqs:
             s.num_computed += 1
-        rows = [SampleRow(q.params, q.prompt_ids, q.output_ids, q.state.generator) for q in seqs]
-        return self._fly(seqs, sample_on_device(logits, rows, self.runner.generator))
+        return self._fly(seqs, self._sample_on_device(logits, seqs))
+
+    def _sample_on_device(self, logits: Tensor, seqs: list[Sequence]) -> Tensor:
+        """`sample_on_device` for these sequences' rows of logits."""
+        return sample_on_device(logits, _rows(seqs), self.runner.generator)
 
     def _land(self, prev: _InFlight) -> list[StreamDelta]:
         """Wait for an in-flight step's tokens and record them (sequences that finished or
@@ -456,6 +446,11 @@ class Engine:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _rows(seqs: list[Sequence]) -> list[SampleRow]:
+    """What the sampler needs of each sequence."""
+    return [SampleRow(q.params, q.prompt_ids, q.output_ids, q.state.generator) for q in seqs]
 
 
 def encode_prompt(tokenizer, vocab: int, context_length: int, prompt: str | list[int]) -> list[int]:

@@ -20,7 +20,7 @@ class SampleRow:
     generator: torch.Generator | None  # set for requests with a seed
 
 
-def _penalized(p: SamplingParams) -> bool:
+def penalized(p: SamplingParams) -> bool:
     """Whether `_apply_penalties` changes this request's logits."""
     return p.repetition_penalty != 1.0 or bool(p.frequency_penalty or p.presence_penalty)
 
@@ -90,7 +90,7 @@ def sample_on_device(
 ) -> Tensor:
     """(N, V) float32 logits → (N,) token ids on their device, with no host sync (penalties
     read the rows' token lists as they are now)."""
-    if any(_penalized(r.params) for r in rows):  # only then a copy (in place below)
+    if any(penalized(r.params) for r in rows):  # only then a copy (in place below)
         logits = _apply_penalties(logits.clone(), rows)
     tokens = logits.argmax(-1)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]

@@ -60,7 +60,7 @@ class Scheduler:
             if seq.status is not Status.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(seq.num_tokens - seq.num_computed, budget)
-            while not self._reserve(seq, seq.num_computed + n):
+            while not self.reserve(seq, seq.num_computed + n):
                 victim = self.running[-1]
                 self._preempt(victim)
                 preempted = True
@@ -74,7 +74,7 @@ class Scheduler:
                 break
             seq = self.waiting[0]
             n = min(seq.num_tokens - seq.num_computed, budget)
-            if not self._reserve(seq, seq.num_computed + n):
+            if not self.reserve(seq, seq.num_computed + n):
                 break
             self.waiting.popleft()
             seq.status = Status.RUNNING
@@ -84,12 +84,8 @@ class Scheduler:
         return batch
 
     def reserve(self, seq: Sequence, num_tokens: int) -> bool:
-        """Grow a running sequence's block table to hold `num_tokens` (the engine's overlapped
-        decode step, which skips `schedule`); False when blocks run out."""
-        return self._reserve(seq, num_tokens)
-
-    def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
-        """Grow the sequence's block table to hold `num_tokens`; False when blocks run out."""
+        """Grow the sequence's block table to hold `num_tokens`; False when blocks run out
+        (also the engine's overlapped decode step, which skips `schedule`)."""
         need = self.allocator.blocks_for(num_tokens) - len(seq.block_table)
         if need <= 0:
             return True

@@ -61,8 +61,6 @@ class Detokenizer:
     """
 
     def __init__(self, tokenizer, prompt_ids: list[int], skip_special_tokens: bool):
-        self.tokenizer = tokenizer
-        self.skip = skip_special_tokens
         self.ids = list(prompt_ids)
         self.prefix_offset = max(len(prompt_ids) - 6, 0)
         self.read_offset = len(prompt_ids)
@@ -71,9 +69,8 @@ class Detokenizer:
     def add(self, token_id: int) -> str:
         """Append one token; returns the text it completes (possibly empty)."""
         self.ids.append(token_id)
-        decode = self._decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset])
-        full = decode(self.ids[self.prefix_offset :])
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
             return ""
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)

@@ -400,16 +400,11 @@ def silu_mul(x: Tensor, quant=None):
 # ---- paged attention (callers check `use_triton` and keep their torch path otherwise) ----
 
 
-def kv_store(k, v, k_cache, v_cache, slots, k_scale=1.0, v_scale=1.0) -> None:
-    """Write new keys/values at their cache slots (slot < 0: skipped)."""
-    _triton("kv_store", "kv_store")(k, v, k_cache, v_cache, slots, k_scale, v_scale)
-
-
 def rotary_kv_store(
     positions, q, k, v, cos, sin, k_cache, v_cache, slots, k_scale=1.0, v_scale=1.0
 ) -> Tensor:
-    """`rotary` of q and k, then `kv_store` of the rotated k and v, in one launch: the rotated
-    q."""
+    """`rotary` of q and k, and the rotated k and v written at their cache slots (slot < 0:
+    skipped; fp8 as x / scale, saturated) in one launch: the rotated q."""
     return _triton("rotary", "rotary_kv_store")(
         positions, q, k, v, cos, sin, k_cache, v_cache, slots, k_scale, v_scale
     )

@@ -90,14 +90,14 @@ class Attention(nn.Module):
         self.scale = head_dim**-0.5
 
     def forward(
-        self, q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata, cache: KVCache, rope=None
-    ) -> Tensor:
-        """q (T, H, D), k/v (T, Hkv, D) → (T, H·D); rope = (RotaryEmbedding, positions (T,))
-        rotates q and k first (on CUDA in the kernel that stores k and v)."""
+        self, q: Tensor, k: Tensor, v: Tensor, rotary, positions: Tensor, meta: AttentionMetadata,
+        cache: KVCache,
+    ) -> Tensor:  # fmt: skip
+        """q (T, H, D), k/v (T, Hkv, D) → (T, H·D): q and k rotated at positions (T,) by
+        `rotary` (a RotaryEmbedding; on CUDA in the kernel that also stores k and v)."""
         if meta.block_tables is not None:
-            return self._forward_kernels(q, k, v, meta, cache, rope)
-        if rope is not None:
-            q, k = rope[0](rope[1], q, k)
+            return self._forward_kernels(q, k, v, rotary, positions, meta, cache)
+        q, k = rotary(positions, q, k)
         cache.write(meta.slot_mapping, k, v)
         B, C = meta.kv_slots.shape
         T, H, D = q.shape
@@ -116,20 +116,12 @@ class Attention(nn.Module):
         out = out.transpose(1, 2).reshape(B * meta.max_q, H * D)
         return out[meta.token_index]
 
-    def _forward_kernels(
-        self, q: Tensor, k: Tensor, v: Tensor, meta: AttentionMetadata, cache: KVCache, rope
-    ) -> Tensor:
-        """Triton path: (rotate q and k and) store k/v, then decode (one token each) or prefill
-        attention."""
+    def _forward_kernels(self, q, k, v, rotary, positions, meta, cache) -> Tensor:
+        """Triton path: rotate q and k and store k/v in one launch, then decode (one token
+        each) or prefill attention."""
         T, H, D = q.shape
-        if rope is None:
-            dispatch.kv_store(k, v, cache.k, cache.v, meta.slot_mapping, cache.k_scale,
-                              cache.v_scale)  # fmt: skip
-        else:
-            rotary, positions = rope
-            q = dispatch.rotary_kv_store(positions, q, k, v, rotary.cos, rotary.sin, cache.k,
-                                         cache.v, meta.slot_mapping, cache.k_scale,
-                                         cache.v_scale)  # fmt: skip
+        q = dispatch.rotary_kv_store(positions, q, k, v, rotary.cos, rotary.sin, cache.k, cache.v,
+                                     meta.slot_mapping, cache.k_scale, cache.v_scale)  # fmt: skip
         if meta.max_q == 1:
             out = dispatch.paged_decode_attention(
                 q, cache.k, cache.v, meta.block_tables, meta.seq_lens, meta.block_size,

@@ -48,7 +48,7 @@ class DecoderAttention(nn.Module):
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
         # rotary goes with the KV store (one kernel on CUDA)
-        return self.o_proj(self.attn(q, k, v, meta, cache, rope=(rotary, positions)))
+        return self.o_proj(self.attn(q, k, v, rotary, positions, meta, cache))
 
 
 class DecoderMLP(nn.Module):

@@ -93,49 +93,35 @@ def test_prefill_attention_with_cached_prefix(dev, cache_dtype):
 
 
 @pytest.mark.parametrize("cache_dtype", [ACT_DTYPE, torch.float8_e4m3fn])
-def test_kv_store_writes_only_its_slots(dev, cache_dtype):
-    """New k/v land at their slots (fp8: x / scale), slot -1 writes nothing."""
-    gen = torch.Generator().manual_seed(2)
-    kc, vc = _cache(dev, 8, cache_dtype, gen)
-    k0, v0 = kc.clone(), vc.clone()
-    k = torch.randn(3, HKV, D, generator=gen).to(dev, ACT_DTYPE)
-    v = torch.randn(3, HKV, D, generator=gen).to(dev, ACT_DTYPE)
-    slots = torch.tensor([5, -1, 77], device=dev)
-    scale = 2.0 if cache_dtype.itemsize == 1 else 1.0
-    dispatch.kv_store(k, v, kc, vc, slots, scale, scale)
-    for i, s in ((0, 5), (2, 77)):
-        assert rel_err(kc[s].float() * scale, k[i].float()) < 0.1
-        assert rel_err(vc[s].float() * scale, v[i].float()) < 0.1
-    keep = torch.ones(kc.shape[0], dtype=torch.bool)
-    keep[[5, 77]] = False
-    assert torch.equal(kc[keep].float(), k0[keep].float())
-    assert torch.equal(vc[keep].float(), v0[keep].float())
-
-
-@pytest.mark.parametrize("cache_dtype", [ACT_DTYPE, torch.float8_e4m3fn])
-def test_rotary_kv_store_equals_rotary_then_store(dev, cache_dtype):
-    """The fused launch gives what `rotary` then `kv_store` give (q returned, k rotated and v at
-    their slots, fp8 as x / scale) up to the rounding of a differently compiled kernel, and
-    slot -1 writes nothing."""
+def test_rotary_kv_store(dev, cache_dtype):
+    """The fused launch returns `rotary`'s q, and writes the rotated k and v at their slots as
+    `KVCache.write` stores them (fp8: x / scale, saturated) up to the rounding of a differently
+    compiled kernel; slot -1 writes nothing."""
+    from lowbit.layers.attention import KVCache
     from lowbit.layers.rotary import RotaryEmbedding
 
     gen = torch.Generator().manual_seed(3)
     rope = RotaryEmbedding(D, 512, 10000.0, None).to(dev)
     kc, vc = _cache(dev, 8, cache_dtype, gen)
+    k0, v0 = kc.clone(), vc.clone()
     qkv = torch.randn(3, (H + 2 * HKV) * D, generator=gen).to(dev, ACT_DTYPE)
     q, k, v = (t.view(3, -1, D) for t in qkv.split([H * D, HKV * D, HKV * D], dim=-1))
     pos = torch.tensor([0, 7, 300], device=dev)
     slots = torch.tensor([5, -1, 77], device=dev)
     scale = 2.0 if cache_dtype.itemsize == 1 else 1.0
-    kc2, vc2 = kc.clone(), vc.clone()
     rq, rk = dispatch.rotary(pos, q, k, rope.cos, rope.sin)
-    dispatch.kv_store(rk, v, kc, vc, slots, scale, scale)
-    got = dispatch.rotary_kv_store(pos, q, k, v, rope.cos, rope.sin, kc2, vc2, slots, scale,
+    ref = KVCache(kc.clone(), vc.clone(), scale, scale)
+    ref.write(slots[[0, 2]], rk[[0, 2]], v[[0, 2]])
+    got = dispatch.rotary_kv_store(pos, q, k, v, rope.cos, rope.sin, kc, vc, slots, scale,
                                    scale)  # fmt: skip
     assert rel_err(got, rq) < 2e-3
-    for fused, ref in ((kc2, kc), (vc2, vc)):
-        assert rel_err(fused[[5, 77]].float(), ref[[5, 77]].float()) < 2e-2
-        keep = torch.ones(fused.shape[0], dtype=torch.bool)
-        keep[[5, 77]] = False
-        assert torch.equal(fused[keep].view(torch.uint8), ref[keep].view(torch.uint8))
-    assert rel_err(kc2[77].float() * scale, rk[2].float()) < 0.1  # it wrote, and rotated
+    for i, s in ((0, 5), (2, 77)):  # k rotated and v, as x / scale
+        assert rel_err(kc[s].float() * scale, rk[i].float()) < 0.1
+        assert rel_err(vc[s].float() * scale, v[i].float()) < 0.1
+    keep = torch.ones(kc.shape[0], dtype=torch.bool)
+    keep[[5, 77]] = False
+    # fp8: up to one code step apart (Triton's interpreter rounds to fp8 unlike torch)
+    bound = 0.1 if cache_dtype.itemsize == 1 else 2e-2
+    for fused, want, before in ((kc, ref.k, k0), (vc, ref.v, v0)):
+        assert rel_err(fused[[5, 77]].float(), want[[5, 77]].float()) < bound
+        assert torch.equal(fused[keep].view(torch.uint8), before[keep].view(torch.uint8))

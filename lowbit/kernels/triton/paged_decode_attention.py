@@ -161,22 +161,20 @@ def _merge_splits_kernel(
 def _merge_head(part_ptr, ml_ptr, out_ptr, b, h, H, active, stride_ob, stride_oh,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                 NUM_SPLITS: tl.constexpr):  # fmt: skip
-    """out[b, h] from the partial softmaxes of head h's first `active` splits (read at L2:
-    other programs wrote them)."""
+    """out[b, h] from the partial softmaxes of head h's first `active` > 1 splits (read at L2:
+    other programs wrote them), each of which has tokens, so their maxima are finite."""
     s = tl.arange(0, NUM_SPLITS)
     d = tl.arange(0, BLOCK_D)
     row = (b * H + h) * NUM_SPLITS + s  # (S,)
     live = s < active
     m = tl.load(ml_ptr + row * 2, mask=live, other=float("-inf"), cache_modifier=".cg")
     l_s = tl.load(ml_ptr + row * 2 + 1, mask=live, other=0.0, cache_modifier=".cg")
-    m_max = tl.max(m, axis=0)
-    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)  # empty sequence: all splits empty
-    w = tl.where(m == float("-inf"), 0.0, tl.exp(m - m_max))  # (S,)
+    w = tl.exp(m - tl.max(m, axis=0))  # (S,): 0 past the live splits
     denom = tl.sum(w * l_s, axis=0)
     part = tl.load(part_ptr + row[:, None] * HEAD_DIM + d[None, :],
                    mask=live[:, None] & (d[None, :] < HEAD_DIM), other=0.0,
                    cache_modifier=".cg")  # fmt: skip
-    out = tl.sum(part * w[:, None], axis=0) / tl.where(denom > 0, denom, 1.0)
+    out = tl.sum(part * w[:, None], axis=0) / denom
     tl.store(
         out_ptr + b * stride_ob + h * stride_oh + d,
         out.to(out_ptr.dtype.element_ty), mask=d < HEAD_DIM,

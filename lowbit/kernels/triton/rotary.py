@@ -1,5 +1,6 @@
-"""Rotary embedding (rotate-half convention) of q and k in one launch, from cos/sin tables; with
-a KV cache, the same launch writes the rotated keys and the values at their cache slots.
+"""Rotary embedding (rotate-half convention) of q and k in one launch, from cos/sin tables; in
+the model's attention the same launch writes the rotated keys and the values at their cache
+slots (fp8 caches as x / scale, saturated as `KVCache.write` does; slot < 0 writes nothing).
 
 Matches lowbit.layers.rotary.RotaryEmbedding: cos/sin (P, D/2) float32 tables, cast to the
 compute dtype, x·cos + rotate_half(x)·sin. Programs 0…H-1 of axis 1 rotate q's heads, the rest k's.
@@ -13,7 +14,6 @@ import triton.language as tl
 from torch import Tensor
 
 from lowbit.kernels.triton.common import pdl, pdl_enter
-from lowbit.kernels.triton.kv_store import FP8_MAX
 
 
 @triton.jit
@@ -135,11 +135,12 @@ def _launch(positions, q, k, v, qo, ko, vo, slots, cos, sin, inv_ks, inv_vs, sto
     T, H, D = q.shape
     if T == 0:
         return
+    fp8 = ko.dtype.itemsize == 1
     _rotary_kernel[(T, H + k.shape[1])](
         q, k, v, qo, ko, vo, positions, slots, cos, sin, inv_ks, inv_vs,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         qo.stride(0), qo.stride(1), ko.stride(0), ko.stride(1), cos.stride(0),
         H=H, HALF=D // 2, BLOCK=triton.next_power_of_2(D // 2), STORE=store,
-        IS_FP8=ko.dtype.itemsize == 1, FP8_MAX=FP8_MAX.get(ko.dtype, 0.0),
+        IS_FP8=fp8, FP8_MAX=torch.finfo(ko.dtype).max if fp8 else 0.0,
         **pdl(q.device), num_warps=1,
     )  # fmt: skip
