@@ -7,9 +7,10 @@ B prompts of --prompt tokens, then times --steps greedy decode steps (forward + 
 next step's metadata), reporting B × steps / seconds. Baseline in the same run: HF transformers
 eager (same config, random bf16 weights, sdpa, DynamicCache), and torchao int4wo-128 with a
 static cache under torch.compile (batch sizes --torchao-batches; skipped when torchao is not
-installed — carry its wheel to the lent machine). `--engine` adds, per variant, batch 1 through
-`lowbit.Engine.generate` (`lowbit-engine` rows: what a user of the engine waits for a token;
-`+overlap` turns on the engine's `overlap_schedule`, which only those rows use).
+installed — carry its wheel to the lent machine). `--engine 1,64` adds, per variant, those
+batch sizes through `lowbit.Engine.generate` (`lowbit-engine` rows: what a user of the engine
+waits for a token; `+nooverlap` turns off the engine's `overlap_schedule`, which only those
+rows use).
 
 Variant names: `<scheme>[+eager][+nopdl][+cublas][+twolaunch][+unfusedq][+canonical]`;
 `+canonical` keeps int4 weights in the canonical layout and its GEMV / MMA kernels instead of
@@ -89,8 +90,8 @@ def lowbit_decode_flags(variant: str):
         "e2": (wna16_mma, "SMALL_N_E", 2),
     }
     scheme, *flags = variant.split("+")
-    if set(flags) - {"eager", "overlap", *overrides}:
-        raise ValueError(f"variant {variant!r}: the flags are {['eager', 'overlap', *overrides]}")
+    if set(flags) - {"eager", "nooverlap", *overrides}:
+        raise ValueError(f"variant {variant!r}: the flags are {['eager', 'nooverlap', *overrides]}")
     saved = {f: getattr(*overrides[f][:2]) for f in flags if f in overrides}
     try:
         for f in saved:
@@ -161,10 +162,11 @@ def _lowbit_decode(model_dir, scheme, variant, flags, batches, prompt, steps):
     return out
 
 
-def engine_decode(model_dir: Path, variant: str, prompt: int, steps: int) -> dict:
-    """Batch-1 decode through `lowbit.Engine.generate`: the runner loop above plus what a user
-    of the engine also waits for each step — scheduler, sampler (its device-to-host sync),
-    detokenizer and stop checks. tok/s = steps / (time of 1 + steps new tokens - time of 1)."""
+def engine_decode(model_dir: Path, variant: str, prompt: int, steps: int, batch: int) -> dict:
+    """Decode of `batch` prompts through `lowbit.Engine.generate`: the runner loop above plus
+    what a user of the engine also waits for each step — scheduler, sampler (its device-to-host
+    sync), detokenizer and stop checks. tok/s = batch · steps / (time of 1 + steps new tokens
+    − time of 1 new token)."""
     import lowbit
     import lowbit.engine.engine as engine_mod
 
@@ -176,26 +178,27 @@ def engine_decode(model_dir: Path, variant: str, prompt: int, steps: int) -> dic
             with fast_dummy_weights():
                 eng = lowbit.Engine(
                     str(model_dir), load_format="dummy", dtype="bfloat16", device="cuda",
-                    max_running_requests=1, max_total_tokens=prompt + steps + 64,
-                    disable_cuda_graph="eager" in flags, overlap_schedule="overlap" in flags,
+                    max_running_requests=batch, max_total_tokens=batch * (prompt + steps + 64),
+                    disable_cuda_graph="eager" in flags, overlap_schedule="nooverlap" not in flags,
                 )  # fmt: skip
         finally:
             engine_mod.resolve_plan = saved
-        ids = torch.randint(3, eng.model_config.vocab_size, (prompt,)).tolist()
+        ids = torch.randint(3, eng.model_config.vocab_size, (batch, prompt)).tolist()
         params = {"temperature": 0, "ignore_eos": True}
-        eng.generate([ids], {**params, "max_new_tokens": 8})  # warm-up
+        eng.generate(ids, {**params, "max_new_tokens": 8})  # warm-up
         times = []
         for n in (1, 1 + steps):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            out = eng.generate([ids], {**params, "max_new_tokens": n})
+            out = eng.generate(ids, {**params, "max_new_tokens": n})
             times.append(time.perf_counter() - t0)
-            assert len(out[0].outputs[0].token_ids) == n
+            assert all(len(o.outputs[0].token_ids) == n for o in out)
         eng.shutdown()
     del eng
     _free()
     dt = times[1] - times[0]
-    row = {"engine": "lowbit-engine", "variant": variant, "batch": 1, "tok_s": steps / dt,
+    row = {"engine": "lowbit-engine", "variant": variant, "batch": batch,
+           "tok_s": batch * steps / dt,
            "ms_per_step": 1e3 * dt / steps}  # fmt: skip
     print(row, flush=True)
     return row
@@ -303,9 +306,9 @@ def main() -> None:
     )
     ap.add_argument(
         "--engine",
-        action="store_true",
-        help="also time batch 1 through lowbit.Engine.generate (scheduler, sampler, "
-        "detokenizer and the per-step sync included)",
+        default="",
+        help="batch sizes (e.g. 1,64) to also time through lowbit.Engine.generate (scheduler, "
+        "sampler, detokenizer and the per-step sync included); '' skips it",
     )
     ap.add_argument("--out", type=Path, default=None, help="also copy the JSON here")
     args = ap.parse_args()
@@ -328,12 +331,12 @@ def main() -> None:
                 print(f"ERROR {variant}: {type(e).__name__}: {e}", flush=True)
                 rows.append({"engine": "lowbit", "variant": variant, "error": str(e)[:300]})
                 _free()
-            if args.engine:
+            for b in [int(b) for b in args.engine.split(",") if b]:
                 try:
-                    rows.append(engine_decode(model_dir, variant, args.prompt, args.steps))
+                    rows.append(engine_decode(model_dir, variant, args.prompt, args.steps, b))
                 except Exception as e:
-                    print(f"ERROR engine {variant}: {type(e).__name__}: {e}", flush=True)
-                    rows.append({"engine": "lowbit-engine", "variant": variant,
+                    print(f"ERROR engine {variant} batch {b}: {type(e).__name__}: {e}", flush=True)
+                    rows.append({"engine": "lowbit-engine", "variant": variant, "batch": b,
                                  "error": str(e)[:300]})  # fmt: skip
                     _free()
             save("decode", {"env": env, "rows": rows}, args.out)  # partial results survive

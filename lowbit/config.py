@@ -67,8 +67,9 @@ class EngineArgs:
     disable_cuda_graph: bool = False
     # Launch the next decode step before handling this one's tokens on the host (their
     # detokenizing, stop checks and deltas then run while the GPU computes): deltas come one
-    # step later. Off until measured on the GPU (benchmarks/bench_decode.py --engine).
-    overlap_schedule: bool = False
+    # step later, tokens are the same. H100, benchmarks/RESULTS.md run 12: w4a16 through the
+    # engine 361 → 398 tok/s at batch 1, 6,263 → 6,818 at batch 64.
+    overlap_schedule: bool = True
     tp_size: int = 1
     revision: str | None = None
     show_progress: bool = True

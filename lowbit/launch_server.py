@@ -68,9 +68,10 @@ def build_parser(prog: str = "python -m lowbit.launch_server") -> argparse.Argum
     )
     r.add_argument("--disable-cuda-graph", action="store_true")
     r.add_argument(
-        "--overlap-schedule",
+        "--disable-overlap-schedule",
         action="store_true",
-        help="launch the next decode step before handling this one's tokens (experimental)",
+        help="handle each decode step's tokens before launching the next one (by default the "
+        "next step is launched first, and the host work overlaps the GPU's)",
     )
     r.add_argument("--tp-size", type=int, default=1, help="tensor parallel size (only 1 for now)")
     r.add_argument("--random-seed", type=int, default=0)
@@ -115,7 +116,7 @@ def engine_args(args: argparse.Namespace) -> EngineArgs:
         max_total_tokens=args.max_total_tokens, max_running_requests=args.max_running_requests,
         max_num_batched_tokens=args.chunked_prefill_size,
         mem_fraction_static=args.mem_fraction_static, disable_cuda_graph=args.disable_cuda_graph,
-        overlap_schedule=args.overlap_schedule, tp_size=args.tp_size,
+        overlap_schedule=not args.disable_overlap_schedule, tp_size=args.tp_size,
         quantize_lm_head=args.quantize_lm_head,
     )  # fmt: skip
 

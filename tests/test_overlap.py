@@ -14,7 +14,7 @@ from lowbit.engine.engine import Engine
 def engines(tiny_llama):
     """(plain, overlapped) float32 engines on the tiny Llama."""
     kw = {"dtype": "float32", "device": "cpu"}
-    with lowbit.Engine(str(tiny_llama), **kw) as plain:
+    with lowbit.Engine(str(tiny_llama), overlap_schedule=False, **kw) as plain:
         with lowbit.Engine(str(tiny_llama), overlap_schedule=True, **kw) as overlapped:
             yield plain, overlapped
 

@@ -153,8 +153,8 @@ def test_hung_engine_is_stopped_and_requests_fail(watched_server):
 
 
 def test_overlapped_server_streams_what_the_plain_one_does(server, tiny_llama):
-    """A server whose engine runs with overlap_schedule streams 16 concurrent greedy requests
-    of mixed lengths token for token as the plain server does, and ends idle."""
+    """The server (overlap_schedule on, the default) streams 16 concurrent greedy requests of
+    mixed lengths token for token as a server without it does, and ends idle."""
     from conftest import serve
 
     def run(url: str) -> list[tuple[str, list]]:
@@ -179,9 +179,10 @@ def test_overlapped_server_streams_what_the_plain_one_does(server, tiny_llama):
         return asyncio.run(all_of_them())
 
     openai = pytest.importorskip("openai")
-    want = run(server.url)
-    with serve(tiny_llama, engine_kw={"overlap_schedule": True}) as overlapped:
-        assert run(overlapped.url) == want
-        stats = overlapped.wait_idle()
+    with serve(tiny_llama, engine_kw={"overlap_schedule": False}) as plain:
+        want = run(plain.url)
+    assert server.engine.args.overlap_schedule
+    assert run(server.url) == want
+    stats = server.wait_idle()
     assert all(reason == "length" for _, reason in want)
     assert stats["kv_blocks_used"] == 0 and stats["running"] == 0

@@ -75,9 +75,9 @@ def test_parser_defaults():
     assert (args.host, args.port, args.model_path, args.dtype) == ("127.0.0.1", 30000, None, "auto")
     eargs = launch_server.engine_args(args)
     assert eargs.tp_size == 1 and eargs.max_running_requests == 256
-    assert not eargs.overlap_schedule
-    args = launch_server.build_parser().parse_args(["--overlap-schedule"])
-    assert launch_server.engine_args(args).overlap_schedule
+    assert eargs.overlap_schedule
+    args = launch_server.build_parser().parse_args(["--disable-overlap-schedule"])
+    assert not launch_server.engine_args(args).overlap_schedule
 
 
 def _free_port() -> int:
