@@ -20,8 +20,9 @@ LOWBIT_PDL=0 would), `+cublas` keeps unquantized linears on cuBLAS at M = 1
 (dispatch.GEMV16_MAX_M = 0), `+twolaunch` sums split-K partials (and attention splits) in a
 second launch instead of in the kernel (common.FUSED_SPLITK off, as LOWBIT_FUSED_SPLITK=0
 would), `+unfusedq` quantizes W8A8 inputs in the GEMMs instead of in RMSNorm / SwiGLU
-(LOWBIT_FUSE_ACT_QUANT=0); scheme `bf16` (unquantized) or one of benchlib.BENCH_SCHEMES,
-lowbit's own quantized plans over dummy weights (benchlib.bench_plan).
+(LOWBIT_FUSE_ACT_QUANT=0), `+torchargmax` picks greedy tokens with torch's argmax instead of
+the split Triton one (dispatch.SPLIT_ARGMAX off); scheme `bf16` (unquantized) or one of
+benchlib.BENCH_SCHEMES, lowbit's own quantized plans over dummy weights (benchlib.bench_plan).
 RMSNorm, rotary and SwiGLU run the fused Triton kernels in every variant (the layers call them
 since run 4; runs 1–3 had a `+fused` flag that patched them in).
 """
@@ -46,6 +47,7 @@ from benchlib import (
 )
 
 from lowbit.config import EngineArgs, ModelConfig
+from lowbit.kernels import dispatch
 from lowbit.quant.spec import QuantPlan
 
 DEFAULT_VARIANTS = "bf16+eager,bf16,fp8,w4a16,w8a8_int8,nvfp4"
@@ -64,7 +66,8 @@ def _time_steps(runner, tok, lens: list[int], tables: list[list[int]], steps: in
             torch.cuda.synchronize()
             t0 = time.perf_counter()
         lens = [L + 1 for L in lens]
-        tok = runner.forward(tok, lens, [1] * B, tables, logits_at=list(range(B))).argmax(-1)
+        logits = runner.forward(tok, lens, [1] * B, tables, logits_at=list(range(B)))
+        tok = dispatch.argmax(logits)  # as the engine's greedy sampler
     torch.cuda.synchronize()
     return time.perf_counter() - t0
 
@@ -72,7 +75,6 @@ def _time_steps(runner, tok, lens: list[int], tables: list[list[int]], steps: in
 @contextlib.contextmanager
 def lowbit_decode_flags(variant: str):
     """Apply a variant's `+nopdl` / `+cublas` flags for the block: yields (scheme, flags)."""
-    from lowbit.kernels import dispatch
     from lowbit.kernels.triton import common, paged_decode_attention, wna16_mma
 
     overrides = {
@@ -88,6 +90,7 @@ def lowbit_decode_flags(variant: str):
         "atts3": (paged_decode_attention, "NUM_STAGES", 3),
         "attw8": (paged_decode_attention, "NUM_WARPS", 8),
         "e2": (wna16_mma, "SMALL_N_E", 2),
+        "torchargmax": (dispatch, "SPLIT_ARGMAX", False),
     }
     scheme, *flags = variant.split("+")
     if set(flags) - {"eager", "nooverlap", *overrides}:

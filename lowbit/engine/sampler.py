@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from lowbit.engine.request import SamplingParams
+from lowbit.kernels import dispatch
 
 
 @dataclass
@@ -92,7 +93,7 @@ def sample_on_device(
     read the rows' token lists as they are now)."""
     if any(penalized(r.params) for r in rows):  # only then a copy (in place below)
         logits = _apply_penalties(logits.clone(), rows)
-    tokens = logits.argmax(-1)
+    tokens = dispatch.argmax(logits)
     random_rows = [i for i, r in enumerate(rows) if not r.params.greedy]
     if random_rows:
         idx = torch.tensor(random_rows, device=logits.device)

@@ -397,6 +397,23 @@ def silu_mul(x: Tensor, quant=None):
     return out if quant is None else _quantized(out, *quant)
 
 
+# ---- sampling ----
+
+
+# Greedy's argmax split across programs (LOWBIT_SPLIT_ARGMAX=0: torch's, an A/B switch).
+SPLIT_ARGMAX = os.environ.get("LOWBIT_SPLIT_ARGMAX", "1") != "0"
+
+
+def argmax(logits: Tensor) -> Tensor:
+    """(B, V) float logits → (B,) int64 index of each row's first max (greedy sampling): split
+    across programs with Triton (triton/argmax.py), else torch's argmax."""
+    if SPLIT_ARGMAX and use_triton(logits.device) and logits.dim() == 2 and logits.stride(-1) == 1:
+        out = _triton("argmax", "argmax")(logits)
+        if out is not None:
+            return out
+    return logits.argmax(-1)
+
+
 # ---- paged attention (callers check `use_triton` and keep their torch path otherwise) ----
 
 
