@@ -21,7 +21,8 @@ LOWBIT_PDL=0 would), `+cublas` keeps unquantized linears on cuBLAS at M = 1
 second launch instead of in the kernel (common.FUSED_SPLITK off, as LOWBIT_FUSED_SPLITK=0
 would), `+unfusedq` quantizes W8A8 inputs in the GEMMs instead of in RMSNorm / SwiGLU
 (LOWBIT_FUSE_ACT_QUANT=0), `+torchargmax` picks greedy tokens with torch's argmax instead of
-the split Triton one (dispatch.SPLIT_ARGMAX off); scheme `bf16` (unquantized) or one of
+the split Triton one (dispatch.SPLIT_ARGMAX off), `+notiled` keeps wide int4 weights at 33-64
+rows on the small-M kernel (dispatch.WNA16_MMA_TILED off); scheme `bf16` (unquantized) or one of
 benchlib.BENCH_SCHEMES, lowbit's own quantized plans over dummy weights (benchlib.bench_plan).
 RMSNorm, rotary and SwiGLU run the fused Triton kernels in every variant (the layers call them
 since run 4; runs 1–3 had a `+fused` flag that patched them in).
@@ -91,6 +92,7 @@ def lowbit_decode_flags(variant: str):
         "attw8": (paged_decode_attention, "NUM_WARPS", 8),
         "e2": (wna16_mma, "SMALL_N_E", 2),
         "torchargmax": (dispatch, "SPLIT_ARGMAX", False),
+        "notiled": (dispatch, "WNA16_MMA_TILED", False),
     }
     scheme, *flags = variant.split("+")
     if set(flags) - {"eager", "nooverlap", *overrides}:

@@ -42,9 +42,10 @@ def _weights(scheme: str, N: int, K: int) -> tuple[dict, int]:
                                     dtype=torch.int32),
         }  # fmt: skip
         # int4 in the mma16 layout where lowbit loads it so (the default "w4a16" as served, and
-        # the "w4a16:mma16" probe); "w4a16:canonical" keeps the canonical layout's kernels
+        # the "w4a16:mma16" / "w4a16:mma16tiled" probes); "w4a16:canonical" keeps the canonical
+        # layout's kernels
         probe = scheme.partition(":")[2].split(",")[0]
-        mma16 = probe == "mma16" or (
+        mma16 = probe in ("mma16", "mma16tiled") or (
             scheme == "w4a16" and dispatch.wna16_mma_layout(torch.device(d), N, K, 128, 4)
         )
         if bits == 4 and mma16:
@@ -84,7 +85,9 @@ def _call(scheme: str, x, w):
     config), "w4a16:tiled,bm=128,bn=128,bk=64,warps=8,stages=3,group_m=8,swap=1" (the tiled
     GEMM, `wna16_gemm_tiled`; omitted keys keep its defaults), "w4a16:mma16,e=4,waves=16,
     max_split=16" (the small-M tensor-core kernel on its `mma16` layout; plain "w4a16" is what
-    dispatch serves, in that layout where lowbit loads int4 so), "w4a16:canonical" (the
+    dispatch serves, in that layout where lowbit loads int4 so), "w4a16:mma16tiled,bm=128,
+    bn=64,bk=128,warps=4,stages=4,group_m=8,split=0" (the tiled GEMM on the `mma16` layout,
+    `wna16_mma_tiled`; omitted keys keep its defaults), "w4a16:canonical" (the
     canonical layout's kernels), "w4a16-mma" (the tensor-core
     kernel at any M), "fp8-triton" (the split-K Triton W8A8 kernel); "fp8-triton:gemv,bn=16,
     bk=256,warps=4,waves=4" / "int8:mma,split=8" (W8A8 through one path with its config);
@@ -147,7 +150,7 @@ def _probe(scheme: str) -> tuple[str, str | None, dict[str, int]]:
 
 def _with_wna16_config(base: str, path: str, over: dict, x, w):
     """W4A16 / W8A16 through one kernel with its config overridden (a tuning probe, not a
-    dispatch path): the GEMV, the tiled kernel, or the tensor-core kernel ("mma")."""
+    dispatch path): the GEMV, the tiled kernels, or the tensor-core kernels ("mma", "mma16")."""
     import lowbit.kernels.triton.wna16_gemm as mod
 
     bits = 4 if base == "w4a16" else 8
@@ -157,6 +160,10 @@ def _with_wna16_config(base: str, path: str, over: dict, x, w):
         from lowbit.kernels.triton.wna16_mma import wna16_mma_gemm
 
         return wna16_mma_gemm(x, w["qweight"], w["scales"], w["qzeros"], 128, config=over)
+    if path == "mma16tiled":  # the tiled GEMM on the same layout
+        from lowbit.kernels.triton.wna16_mma_tiled import wna16_mma_tiled
+
+        return wna16_mma_tiled(x, w["qweight"], w["scales"], w["qzeros"], 128, config=over)
     if path in ("gemv", "tiled"):
         if path == "gemv":
             from lowbit.kernels.triton.wna16_gemv import wna16_gemv as fn

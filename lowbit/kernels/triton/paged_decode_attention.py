@@ -24,6 +24,12 @@ from lowbit.kernels.triton.common import (
 
 BLOCK_N = 64  # context tokens per inner step
 NUM_STAGES = 2  # loads in flight across steps (Triton's pipeliner)
+# ... and for a 16-bit cache when the launch is one split a (sequence, KV head), i.e. batch ×
+# KV heads fill the GPU: µs a call, H100, batch 64, contexts 192 / 1024 / 4096
+# (benchmarks/RESULTS.md run 12): 2 stages 22.5 / 101 / 391, 1 stage 21.1 / 93.8 / 361; batch
+# 1 (32 splits) is faster with 2, and so is an fp8 cache (192 / 1024: 17.4 / 71.1 with 2,
+# 17.8 / 78.6 with 1)
+ONE_SPLIT_STAGES = 1
 NUM_WARPS = 4
 TARGET_PROGRAMS = 264  # ~2 waves of 132 SMs (H100 SXM)
 MAX_SPLITS = 32
@@ -236,7 +242,7 @@ def paged_decode_attention(
         BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, NUM_SPLITS=splits,
         IS_FP8=k_cache.dtype.itemsize == 1, FUSED_MERGE=counters is not None,
         SHORT=SHORT_CONTEXT, **pdl(q.device), num_warps=NUM_WARPS,
-        num_stages=NUM_STAGES,
+        num_stages=ONE_SPLIT_STAGES if splits == 1 and k_cache.dtype.itemsize == 2 else NUM_STAGES,
     )  # fmt: skip
     if splits > 1 and counters is None:
         _merge_splits_kernel[(B, H)](
