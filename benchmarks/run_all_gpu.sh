@@ -5,10 +5,10 @@
 # 10-minute device call on the H100 (run 9 of RESULTS.md: 319 tests in 570 s): run `tests-a`
 # (attention, engine, fixtures, fp4, fused, gemm, splitk) and `tests-b` (gemv, online,
 # quantize, w8a8_gemv) in two calls, then the benchmarks. The halves were sized from run 9's
-# partial runs (~7 and ~5.5 minutes estimated). `tests-par` runs the whole suite as four pytest
+# partial runs (~7 and ~5.5 minutes estimated). `tests-par` runs the whole suite as six pytest
 # processes side by side on the one GPU (the suite is mostly Triton compiles, one CPU core each);
 # the engine-building files share one process, so their KV sizing does not race; test files
-# not named in a shard run in the fourth.
+# not named in a shard run in the last.
 # Carry `.whl` (pytest, pluggy, iniconfig, pygments and torchao wheels): installed when present.
 set -o pipefail
 OUT=${OUT:-benchmarks/results/run}
@@ -42,13 +42,13 @@ for stage in $STAGES; do
       pids=""
       named="test_gpu_engine.py test_gpu_fixtures.py test_gpu_gemm.py test_gpu_fp4.py test_gpu_wna16_mma.py
              test_gpu_gemv.py test_gpu_w8a8_gemv.py test_gpu_splitk.py"
-      rest=""  # every other test file (new ones included) goes to the fourth process
+      rest=""  # every other test file (new ones included) goes to the last process
       for f in tests/gpu/test_gpu_*.py; do
         case " $(echo $named) " in *" $(basename "$f") "*) ;; *) rest="$rest $(basename "$f")" ;; esac
       done
       rest=$(echo $rest)
-      for shard in "test_gpu_engine.py test_gpu_fixtures.py" "test_gpu_gemm.py test_gpu_fp4.py test_gpu_wna16_mma.py" \
-                   "test_gpu_gemv.py test_gpu_w8a8_gemv.py test_gpu_splitk.py" "$rest"; do
+      for shard in "test_gpu_engine.py test_gpu_fixtures.py" "test_gpu_wna16_mma.py" "test_gpu_gemm.py test_gpu_fp4.py" \
+                   "test_gpu_gemv.py" "test_gpu_w8a8_gemv.py test_gpu_splitk.py" "$rest"; do
         name=tests-par-$(echo "$shard" | cut -d' ' -f1 | sed 's/test_gpu_//; s/.py//')
         (timeout ${TESTS_TIMEOUT:-570} $PY -m pytest -q -m gpu $(printf 'tests/gpu/%s ' $shard) \
            -p no:cacheprovider -rfE >"$OUT/$name.log" 2>&1) &
