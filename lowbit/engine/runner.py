@@ -44,7 +44,6 @@ _CPU_KV_TOKENS = 65536
 _CPU_KV_BYTES = 4 << 30
 # Decode batch sizes that get a CUDA graph; a batch replays the smallest bucket that holds it.
 GRAPH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 224, 256)
-PINNED_INPUTS = True  # graph replays copy their inputs from pinned host memory (`_replay`)
 
 
 def pick_device(device: str | None) -> torch.device:
@@ -229,13 +228,7 @@ class ModelRunner:
         self._g_tables = torch.zeros(
             max_b, -(-ctx // self.block_size), dtype=torch.int32, device=dev
         )
-        # The replay's inputs go up from pinned host buffers, so the copies are asynchronous (a
-        # copy from pageable memory waits for the stream's queued work: the host could not
-        # prepare step n + 1 while step n runs); `_inputs_read` marks when the last replay's
-        # copies have read them. PINNED_INPUTS = False: pageable (the A/B of bench_decode).
-        self._table_rows = BlockTableRows(*self._g_tables.shape, pin=PINNED_INPUTS)
-        self._stage = torch.zeros(3, max_b, dtype=torch.long, pin_memory=PINNED_INPUTS)
-        self._inputs_read = torch.cuda.Event()
+        self._table_rows = BlockTableRows(*self._g_tables.shape)
         pool = None
         with torch.inference_mode():
             for b in reversed(buckets):  # largest first, so smaller graphs reuse its memory
@@ -272,27 +265,22 @@ class ModelRunner:
         B = len(seq_lens)
         slots = kernel_slots(seq_lens, [1] * B, block_tables, self.block_size)
         pad = bucket - B
-        self._inputs_read.synchronize()  # the pinned buffers are free (at once, in steady state)
         # One host→device copy for positions, slots and lengths of all rows, padding included.
-        stage = self._stage[:, :bucket]
-        stage.copy_(
-            torch.tensor(
-                [
-                    [L - 1 for L in seq_lens] + [0] * pad,
-                    slots + [-1] * pad,
-                    list(seq_lens) + [0] * pad,
-                ],
-                dtype=torch.long,
-            )
+        host = torch.tensor(
+            [
+                [L - 1 for L in seq_lens] + [0] * pad,
+                slots + [-1] * pad,
+                list(seq_lens) + [0] * pad,
+            ],
+            dtype=torch.long,
         )
-        dev = stage.to(self.device, non_blocking=True)
+        dev = host.to(self.device, non_blocking=True)
         self._g_pos[:bucket].copy_(dev[0])
         self._g_slots[:bucket].copy_(dev[1])
         self._g_lens[:bucket].copy_(dev[2])
         self._g_ids[:B].copy_(ids)
         tables = self._table_rows.update(block_tables)  # (B, w) int32, rows that changed
         self._g_tables[:B, : tables.shape[1]].copy_(tables, non_blocking=True)
-        self._inputs_read.record()
         graph, logits = self.graphs[bucket]
         graph.replay()
         return logits[:B]
