@@ -12,6 +12,10 @@ operand from registers, x its B operand from shared memory, and M the MMA's N (�
 tl.dot's minimum). Every load of the loop (words, scales, zeros, x) goes through cp.async and
 Triton's `num_stages` pipeline. Shapes with few output tiles split K (`split`): the programs
 write fp32 partials and the tile's last one sums them (`common.splitk_last`).
+
+Where it runs: dispatch takes it only for wide weights (gate_up) at 33-64 rows, the one place the
+H100 sweep found it faster (`_config`); the dequantized tile still passes through shared memory
+on its way to the MMA, and above 64 rows dequantize + cuBLAS stays faster.
 """
 
 from __future__ import annotations
@@ -33,10 +37,13 @@ def _config(M: int, N: int, K: int, G: int, **over) -> dict[str, int]:
     weight tiles) and split (K splits; 0 = enough to fill the SMs once, at most 4, each with
     ≥ 8 K tiles).
 
-    NOT measured yet (pending the H100 sweep of benchmarks/bench_gemm.py's "w4a16:mma16tiled,…"
-    probes); chosen from offline sm_90 builds: one warpgroup (4 warps) and bk = 128 are the
-    builds whose wgmmas ptxas keeps asynchronous (8 warps or bk = 64 serialize them, C7515),
-    without spills. M is the MMA's N (bm), so the decode work per MMA falls as 1 / bm."""
+    Chosen from offline sm_90 builds: one warpgroup (4 warps) and bk = 128 are the builds whose
+    wgmmas ptxas keeps asynchronous (8 warps, bk = 64 or split > 1 serialize them, C7515),
+    without spills. M is the MMA's N (bm), so the decode work per MMA falls as 1 / bm. The H100
+    sweep (benchmarks/RESULTS.md run 12) found one config that wins anywhere — bm 64, bn 128,
+    bk 128, 3 stages on gate_up at M = 64 (95 µs; the small-M kernel 123, bf16 cuBLAS 93) —
+    and dispatch runs only that (`dispatch.WNA16_MMA_TILED_CONFIG`); at M = 256 the best config
+    reached 0.34-0.40× bf16, below dequantize + cuBLAS (0.48-0.57×)."""
     bk = 128 if G % 128 == 0 else 64
     if M <= 32:
         bm = max(16, triton.next_power_of_2(M))
