@@ -15,7 +15,8 @@ from gpu_util import (  # noqa: F401
 from lowbit.kernels import dispatch
 
 pytestmark = pytest.mark.gpu
-CONFIGS = [None, {"bn": 8, "bk": 64, "waves": 16}, {"bn": 32, "bk": 128, "stages": 3}]
+CONFIGS = [None, {"bn": 8, "bk": 64, "waves": 16}, {"bn": 32, "bk": 128, "stages": 3},
+           {"bn": 8, "bk": 64, "waves": 16, "early": 1}]  # fmt: skip
 
 
 def _operands(M, N, K, dtype, seed):
@@ -94,7 +95,8 @@ def test_dispatch_takes_gemv_for_large_m1(dev, dtype):
 
 @pytest.mark.parametrize("M", [1, 2])
 @pytest.mark.parametrize("N,K", [(144, 272), (4104, 2048), (40, 4096 + 64)])
-@pytest.mark.parametrize("config", [None, {"bn": 8, "bk": 64, "waves": 16, "stages": 1}])
+@pytest.mark.parametrize("config", [None, {"bn": 8, "bk": 64, "waves": 16, "stages": 1},
+                                    {"bn": 8, "bk": 64, "stages": 3, "early": 1}])  # fmt: skip
 def test_gemv16(dev, M, N, K, config):
     """The unscaled 16-bit GEMV (bf16, or fp16 under the interpreter) against float64, with bias,
     partial row tiles and K not a multiple of the tile."""
@@ -139,6 +141,26 @@ def test_dense_linear_dispatch(dev, monkeypatch):
         graph.replay()
         torch.cuda.synchronize()
         assert torch.equal(out, dispatch.linear(static, w))
+
+
+@pytest.mark.parametrize("N,K", [(144, 272), (4104, 2048), (40, 4096 + 64)])
+@pytest.mark.parametrize("stages", [1, 3])
+def test_early_first_tile_gives_the_same_sums(dev, N, K, stages):
+    """`early`: the first weight tile loaded before the PDL wait is summed first, as the loop
+    would: the same bits as without it (even and masked shapes, pipelined or not, one tile a
+    split or more)."""
+    from lowbit.kernels.triton.w8a8_gemv import gemv16, w8a8_gemv
+
+    x, wq, ws, bias = _operands(2, N, K, torch.int8, N + K)
+    xq, xs = dispatch.act_quant(x.to(dev, ACT_DTYPE), torch.int8)
+    for waves in (1, 64):  # long splits, and splits of one tile
+        cfg = {"bn": 8, "bk": 64, "stages": stages, "waves": waves}
+        args = (xq, xs, wq.to(dev), ws.to(dev), bias.to(dev, ACT_DTYPE), ACT_DTYPE)
+        assert torch.equal(w8a8_gemv(*args, config={**cfg, "early": 1}),
+                           w8a8_gemv(*args, config={**cfg, "early": 0}))  # fmt: skip
+        x16, w16 = x.to(dev, ACT_DTYPE), (wq.float() * 0.01).to(dev, ACT_DTYPE)
+        assert torch.equal(gemv16(x16, w16, config={**cfg, "early": 1}),
+                           gemv16(x16, w16, config={**cfg, "early": 0}))  # fmt: skip
 
 
 def test_gemv_config_gets_m_n_k(dev, monkeypatch):

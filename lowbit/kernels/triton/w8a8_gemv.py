@@ -30,6 +30,10 @@ from lowbit.kernels.triton.common import (
 
 NUM_SMS = 132
 MAX_M = 2  # every row is a register accumulator of BLOCK_N × BLOCK_K
+# A program's first weight tile is loaded before the PDL wait (weights are never written by a
+# kernel; x is read after it), as the `mma16` kernel's EARLY: off until measured on the GPU
+# (bench_decode.py `+early8`; written after run 12's device time).
+EARLY = False
 
 
 def _config(
@@ -41,8 +45,9 @@ def _config(
     warps: int = 4,
     stages: int = 1,
     waves: int = 4,
-) -> tuple[int, int, int, int, int]:
-    """(BLOCK_N, BLOCK_K, per_split tiles, num_warps, num_stages).
+    early: int | None = None,
+) -> tuple[int, int, int, int, int, bool]:
+    """(BLOCK_N, BLOCK_K, per_split tiles, num_warps, num_stages, early; None: EARLY).
 
     Splits aim at `waves` programs an SM, in whole BLOCK_K tiles that divide evenly.
     """
@@ -51,7 +56,7 @@ def _config(
     rows = triton.cdiv(N, bn)
     want = max(1, (waves * NUM_SMS) // rows)
     per_split = max(1, triton.cdiv(tiles, want))
-    return bn, bk, per_split, warps, stages
+    return bn, bk, per_split, warps, stages, EARLY if early is None else bool(early)
 
 
 @triton.jit
@@ -62,9 +67,8 @@ def _w8a8_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
     SPLIT: tl.constexpr, FUSED: tl.constexpr, FINISH_BIAS: tl.constexpr, WARPS: tl.constexpr,
-    PDL: tl.constexpr,
+    EARLY: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    pdl_enter(PDL)
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -73,24 +77,19 @@ def _w8a8_gemv_kernel(
     n_mask = rn < N
     k0 = pid_k * PER_SPLIT * BLOCK_K
     acc_t = tl.int32 if IS_INT else tl.float32
+    if EARLY:  # weights are never written by a kernel: the first tile may load before the wait
+        w_first = _w_tile(w_ptr, rn, n_mask, k0, K, stride_wn, BLOCK_K, EVEN, acc_t)
+    pdl_enter(PDL)
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], acc_t)
+    if EARLY:
+        x = _x_tile(x_ptr, rm, m_mask, k0, K, stride_xm, BLOCK_K, EVEN, acc_t)
+        acc += w_first.to(acc_t)[None, :, :] * x.to(acc_t)[:, None, :]
     # a constant trip count (few distinct values: one per shape); the loop's num_stages
     # prefetches its loads (the launch's num_stages pipelines only loads that feed a tl.dot)
-    for t in tl.range(PER_SPLIT, num_stages=STAGES):
-        rk = k0 + t * BLOCK_K + tl.arange(0, BLOCK_K)
-        w_ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]
-        x_ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
-        if EVEN:  # N % BLOCK_N == 0 and the splits tile K exactly: no masks in the loop
-            w = tl.load(w_ptrs, eviction_policy="evict_first")
-            x = tl.load(x_ptrs, mask=m_mask[:, None])
-        else:
-            k_mask = rk < K
-            w = tl.load(w_ptrs, mask=n_mask[:, None] & k_mask[None, :],
-                        eviction_policy="evict_first")  # fmt: skip
-            x = tl.load(x_ptrs, mask=m_mask[:, None] & k_mask[None, :])
-            # masked lanes are undefined: zero them (8-bit float pointers take no int fill)
-            w = tl.where(n_mask[:, None] & k_mask[None, :], w.to(acc_t), 0)
-            x = tl.where(m_mask[:, None] & k_mask[None, :], x.to(acc_t), 0)
+    for t in tl.range(1 if EARLY else 0, PER_SPLIT, num_stages=STAGES):
+        k = k0 + t * BLOCK_K
+        w = _w_tile(w_ptr, rn, n_mask, k, K, stride_wn, BLOCK_K, EVEN, acc_t)
+        x = _x_tile(x_ptr, rm, m_mask, k, K, stride_xm, BLOCK_K, EVEN, acc_t)
         acc += w.to(acc_t)[None, :, :] * x.to(acc_t)[:, None, :]
     y = tl.sum(acc, axis=2).to(tl.float32)  # (BM, BN)
     if SCALED:
@@ -105,6 +104,38 @@ def _w8a8_gemv_kernel(
         splitk_last(out_ptr, y_ptr, b_ptr, cnt_ptr, pid_n, M, N, 0, pid_n * BLOCK_N, stride_os,
                     stride_om, stride_ym, SPLIT, BLOCK_M, BLOCK_N, FINISH_BIAS,
                     WARPS)  # fmt: skip
+
+
+@triton.jit
+def _w_tile(w_ptr, rn, n_mask, k, K, stride_wn, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
+            acc_t: tl.constexpr):  # fmt: skip
+    """The (BN, BK) weight tile at column k (read once: evict first). EVEN (N % BLOCK_N == 0 and
+    the splits tile K exactly): no masks; else masked lanes are zero (undefined after a masked
+    load, and 8-bit float pointers take no int fill)."""
+    rk = k + tl.arange(0, BLOCK_K)
+    ptrs = w_ptr + rn[:, None] * stride_wn + rk[None, :]
+    if EVEN:
+        w = tl.load(ptrs, eviction_policy="evict_first")
+    else:
+        mask = n_mask[:, None] & (rk < K)[None, :]
+        w = tl.load(ptrs, mask=mask, eviction_policy="evict_first")
+        w = tl.where(mask, w.to(acc_t), 0)
+    return w
+
+
+@triton.jit
+def _x_tile(x_ptr, rm, m_mask, k, K, stride_xm, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
+            acc_t: tl.constexpr):  # fmt: skip
+    """The (BM, BK) activation tile at column k; rows ≥ M (and columns ≥ K) zero."""
+    rk = k + tl.arange(0, BLOCK_K)
+    ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
+    if EVEN:
+        x = tl.load(ptrs, mask=m_mask[:, None])
+    else:
+        mask = m_mask[:, None] & (rk < K)[None, :]
+        x = tl.load(ptrs, mask=mask)
+        x = tl.where(mask, x.to(acc_t), 0)
+    return x
 
 
 def w8a8_gemv(
@@ -122,7 +153,7 @@ def w8a8_gemv(
     xs      (M, 1)  float32 per-row activation scales
     weight  (N, K)  same dtype as xq, unit column stride
     ws      (N,)    float32 per-output-channel weight scales (expanded when per tensor)
-    config  keyword overrides of `_config` (bn, bk, warps, stages, waves): tuning
+    config  keyword overrides of `_config` (bn, bk, warps, stages, waves, early): tuning
     """
     cfg = _config(xq.shape[0], weight.shape[0], xq.shape[1], **(config or {}))
     return _gemv(xq, xs, weight, ws, bias, out_dtype, cfg)
@@ -150,7 +181,7 @@ def _gemv(xq, xs, weight, ws, bias, out_dtype, cfg) -> Tensor:
     assert 0 < M <= MAX_M, f"M={M}: the GEMV is the small-M path (M ≤ {MAX_M})"
     assert weight.dtype == xq.dtype and weight.stride(-1) == 1 and xq.stride(-1) == 1
     assert weight.shape[1] == K, (weight.shape, xq.shape)
-    bn, bk, per_split, warps, stages = cfg
+    bn, bk, per_split, warps, stages, early = cfg
     split = triton.cdiv(triton.cdiv(K, bk), per_split)
     even = N % bn == 0 and K == split * per_split * bk
     tiles = triton.cdiv(N, bn)
@@ -165,7 +196,7 @@ def _gemv(xq, xs, weight, ws, bias, out_dtype, cfg) -> Tensor:
         HAS_BIAS=bias is not None and split == 1,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, PER_SPLIT=per_split,
         EVEN=even, STAGES=stages, SPLIT=split, FUSED=o.fused,
-        FINISH_BIAS=bias is not None, WARPS=warps,
+        FINISH_BIAS=bias is not None, WARPS=warps, EARLY=early,
         **pdl(xq.device), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return o.result(bias)
