@@ -170,27 +170,33 @@ def _lowbit_decode(model_dir, scheme, variant, flags, batches, prompt, steps):
     return out
 
 
+def make_engine(model_dir: Path, scheme: str, flags: list[str], batch: int, tokens: int):
+    """A `lowbit.Engine` of the variant over the dummy weights (lowbit's own plan for a quantized
+    scheme, as the runner loop), for `batch` sequences of up to `tokens` tokens."""
+    import lowbit
+    import lowbit.engine.engine as engine_mod
+
+    saved = engine_mod.resolve_plan
+    if scheme != "bf16":
+        engine_mod.resolve_plan = lambda *a, **k: bench_plan(scheme)
+    try:
+        with fast_dummy_weights():
+            return lowbit.Engine(
+                str(model_dir), load_format="dummy", dtype="bfloat16", device="cuda",
+                max_running_requests=batch, max_total_tokens=batch * tokens,
+                disable_cuda_graph="eager" in flags, overlap_schedule="nooverlap" not in flags,
+            )  # fmt: skip
+    finally:
+        engine_mod.resolve_plan = saved
+
+
 def engine_decode(model_dir: Path, variant: str, prompt: int, steps: int, batch: int) -> dict:
     """Decode of `batch` prompts through `lowbit.Engine.generate`: the runner loop above plus
     what a user of the engine also waits for each step — scheduler, sampler (its device-to-host
     sync), detokenizer and stop checks. tok/s = batch · steps / (time of 1 + steps new tokens
     − time of 1 new token)."""
-    import lowbit
-    import lowbit.engine.engine as engine_mod
-
     with lowbit_decode_flags(variant) as (scheme, flags):
-        saved = engine_mod.resolve_plan
-        if scheme != "bf16":  # lowbit's own plan over the dummy weights, as the runner loop
-            engine_mod.resolve_plan = lambda *a, **k: bench_plan(scheme)
-        try:
-            with fast_dummy_weights():
-                eng = lowbit.Engine(
-                    str(model_dir), load_format="dummy", dtype="bfloat16", device="cuda",
-                    max_running_requests=batch, max_total_tokens=batch * (prompt + steps + 64),
-                    disable_cuda_graph="eager" in flags, overlap_schedule="nooverlap" not in flags,
-                )  # fmt: skip
-        finally:
-            engine_mod.resolve_plan = saved
+        eng = make_engine(model_dir, scheme, flags, batch, prompt + steps + 64)
         ids = torch.randint(3, eng.model_config.vocab_size, (batch, prompt)).tolist()
         params = {"temperature": 0, "ignore_eos": True}
         eng.generate(ids, {**params, "max_new_tokens": 8})  # warm-up

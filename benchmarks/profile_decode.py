@@ -1,6 +1,7 @@
 """Where a batch-1 decode step's time goes: per-kernel GPU time of lowbit's decode step.
 
-    python benchmarks/profile_decode.py [--variants fp8,w4a16] [--batch 1] [--steps 8] [--out DIR]
+    python benchmarks/profile_decode.py [--variants fp8,w4a16] [--batch 1] [--steps 8] [--engine]
+        [--out DIR]
 
 Builds each variant as `bench_decode.py` does (Llama-3-8B shape, dummy weights, CUDA graphs),
 prefills one batch, then records --steps decode steps under torch.profiler (CUPTI traces the
@@ -8,6 +9,12 @@ kernels inside graph replays). Per variant it prints the wall time a step, the G
 a step (union of kernel intervals), and each kernel's launches and µs a step, heaviest first.
 With PDL a kernel's interval starts while the previous one still runs (it waits in
 `griddepcontrol.wait`), so per-kernel times then overlap; `+nopdl` variants attribute cleanly.
+
+`--engine` records --steps decode steps of --batch prompts through `lowbit.Engine.generate`
+instead (`bench_decode.make_engine`: scheduler, sampler, detokenizer, overlap as served): the
+same GPU table, and the host's heaviest operations by self CPU time, to see what the engine adds
+to a step beyond the runner loop. Its wall and busy times are over the whole generate call
+(prefill included), divided by --steps.
 """
 
 from __future__ import annotations
@@ -19,8 +26,10 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from bench_decode import _free, lowbit_decode_flags, make_runner, prefill
+from bench_decode import _free, lowbit_decode_flags, make_engine, make_runner, prefill
 from benchlib import environment, save, write_model_dir
+
+from lowbit.kernels import dispatch
 
 
 def _kernels(prof) -> list[tuple[str, float, float]]:
@@ -57,22 +66,58 @@ def profile_variant(model_dir: Path, variant: str, batch: int, prompt: int, step
                 t0 = time.perf_counter()
             lens = [n + 1 for n in lens]
             logits = runner.forward(tok, lens, [1] * batch, tables, logits_at=list(range(batch)))
-            tok = logits.argmax(-1)
+            tok = dispatch.argmax(logits)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
         prof.__exit__(None, None, None)
-        ks = _kernels(prof)
-        per = defaultdict(lambda: [0, 0.0])
-        for name, s, e in ks:
-            per[name][0] += 1
-            per[name][1] += e - s
-        table = sorted(
-            ({"kernel": n[:90], "calls_per_step": c / steps, "us_per_step": t / steps}
-             for n, (c, t) in per.items()),
-            key=lambda r: -r["us_per_step"],
-        )  # fmt: skip
         del runner
     _free()
+    return _summary(prof, variant, batch, steps, wall)
+
+
+def profile_engine(model_dir: Path, variant: str, batch: int, prompt: int, steps: int) -> dict:
+    """`profile_variant` through `Engine.generate` of `batch` prompts, `steps` new tokens each,
+    with the host's heaviest operations."""
+    with lowbit_decode_flags(variant) as (scheme, flags):
+        eng = make_engine(model_dir, scheme, flags, batch, prompt + steps + 64)
+        ids = torch.randint(3, eng.model_config.vocab_size, (batch, prompt)).tolist()
+        params = {"temperature": 0, "ignore_eos": True}
+        eng.generate(ids, {**params, "max_new_tokens": 8})  # warm-up
+        acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=acts) as prof:
+            t0 = time.perf_counter()
+            eng.generate(ids, {**params, "max_new_tokens": steps})
+            torch.cuda.synchronize()
+            wall = time.perf_counter() - t0
+        eng.shutdown()
+        del eng
+    _free()
+    out = _summary(prof, variant + " (engine)", batch, steps, wall)
+    host = sorted(
+        (e for e in prof.key_averages() if e.self_cpu_time_total > 0),
+        key=lambda e: -e.self_cpu_time_total,
+    )
+    out["host"] = [
+        {"op": e.key[:90], "calls_per_step": e.count / steps,
+         "self_cpu_us_per_step": e.self_cpu_time_total / steps}
+        for e in host[:25]
+    ]  # fmt: skip
+    return out
+
+
+def _summary(prof, variant: str, batch: int, steps: int, wall: float) -> dict:
+    """Wall and GPU busy time a step, and each kernel's launches and µs a step."""
+    ks = _kernels(prof)
+    per = defaultdict(lambda: [0, 0.0])
+    for name, s, e in ks:
+        per[name][0] += 1
+        per[name][1] += e - s
+    table = sorted(
+        ({"kernel": n[:90], "calls_per_step": c / steps, "us_per_step": t / steps}
+         for n, (c, t) in per.items()),
+        key=lambda r: -r["us_per_step"],
+    )  # fmt: skip
     return {
         "variant": variant, "batch": batch, "steps": steps,
         "wall_us_per_step": 1e6 * wall / steps,
@@ -89,13 +134,17 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument(
+        "--engine", action="store_true", help="profile through lowbit.Engine.generate instead"
+    )
     ap.add_argument("--out", type=Path, default=None, help="also copy the JSON here")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = write_model_dir(Path(tmp) / "llama3-8b-shape")
         for variant in args.variants.split(","):
-            r = profile_variant(model_dir, variant, args.batch, args.prompt, args.steps)
+            run = profile_engine if args.engine else profile_variant
+            r = run(model_dir, variant, args.batch, args.prompt, args.steps)
             rows.append(r)
             print(
                 f"\n== {variant} B={args.batch}: wall {r['wall_us_per_step']:.0f} µs/step, "
@@ -104,6 +153,9 @@ def main() -> None:
             )
             for k in r["kernels"][: args.top]:
                 print(f"  {k['us_per_step']:8.1f} µs  {k['calls_per_step']:6.1f}×  {k['kernel']}")
+            for h in r.get("host", [])[: args.top]:
+                print(f"  host {h['self_cpu_us_per_step']:8.1f} µs  {h['calls_per_step']:6.1f}×  "
+                      f"{h['op']}")  # fmt: skip
             save("profile_decode", {"env": environment(), "rows": rows}, args.out)
 
 
