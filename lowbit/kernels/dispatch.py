@@ -155,14 +155,13 @@ def wna16_gemm(
 WNA16_MMA = os.environ.get("LOWBIT_WNA16_MMA", "1") != "0"
 WNA16_MMA_MAX_M = 64
 # Wide weights (gate_up) at 33-64 rows take the tiled tensor-core kernel on the same layout
-# (triton/wna16_mma_tiled.py) instead: H100, benchmarks/RESULTS.md run 12 — gate_up at M = 64
-# 123 → 95 µs (bf16 cuBLAS 93). It lost to the small-M kernel on qkv / o / down at M ≤ 64 and
-# at M = 16, and to dequantize + cuBLAS at M = 256, so it runs nowhere else.
-# LOWBIT_WNA16_MMA_TILED=0 turns it off (an A/B switch).
+# (triton/wna16_mma_tiled.py, its default config; groups of a multiple of 128 rows) instead:
+# H100, benchmarks/RESULTS.md run 12 — gate_up at M = 64 123 → 95 µs (bf16 cuBLAS 93). It lost
+# to the small-M kernel on qkv / o / down at M ≤ 64 and at M = 16, and to dequantize + cuBLAS
+# at M = 256, so it runs nowhere else. LOWBIT_WNA16_MMA_TILED=0 turns it off (an A/B switch).
 WNA16_MMA_TILED = os.environ.get("LOWBIT_WNA16_MMA_TILED", "1") != "0"
 WNA16_MMA_TILED_M = (33, 64)
 WNA16_MMA_TILED_MIN_N = 16384
-WNA16_MMA_TILED_CONFIG = {"bm": 64, "bn": 128, "bk": 128, "stages": 3, "split": 1}
 
 
 def wna16_mma_layout(device: torch.device, N: int, K: int, group_size: int, bits: int) -> bool:
@@ -175,25 +174,19 @@ def wna16_mma_layout(device: torch.device, N: int, K: int, group_size: int, bits
 def _wna16_mma(x, qmma, scales, qzeros, group_size, bias, perm) -> Tensor:
     """`wna16_gemm` over the `mma16` layout: the small-M tensor-core kernel up to
     WNA16_MMA_MAX_M rows of bf16/fp16 (the tiled one for wide weights at WNA16_MMA_TILED_M
-    rows), else the weight dequantized
-    (triton/wna16_mma.dequant_mma16) and one dense GEMM; off CUDA (a model moved after loading)
-    the reference over the unpacked codes."""
+    rows), else the weight dequantized (triton/wna16_mma.dequant_mma16) and one dense GEMM;
+    off CUDA (a model moved after loading) the reference over the unpacked codes."""
     if not use_triton(x.device):
         q = mma16.unpack_mma16(qmma)
         return _reference("wna16_gemm")(x, q, scales, qzeros, group_size, 4, bias, perm)
     M = x.numel() // x.shape[-1]
     half = x.dtype in (torch.float16, torch.bfloat16) and x.dtype == scales.dtype
     N, K = scales.shape[1], x.shape[-1]
+    G = K if group_size in (-1, 0) else group_size
     lo, hi = WNA16_MMA_TILED_M
-    if (
-        WNA16_MMA_TILED
-        and half
-        and lo <= M <= hi
-        and N >= WNA16_MMA_TILED_MIN_N
-        and ((K if group_size in (-1, 0) else group_size) % WNA16_MMA_TILED_CONFIG["bk"] == 0)
-    ):
+    if WNA16_MMA_TILED and half and lo <= M <= hi and N >= WNA16_MMA_TILED_MIN_N and G % 128 == 0:
         return _triton("wna16_mma_tiled", "wna16_mma_tiled")(
-            x, qmma, scales, qzeros, group_size, bias, perm, config=WNA16_MMA_TILED_CONFIG
+            x, qmma, scales, qzeros, group_size, bias, perm
         )
     if M <= WNA16_MMA_MAX_M and half:
         return _triton("wna16_mma", "wna16_mma_gemm")(

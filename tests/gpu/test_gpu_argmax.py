@@ -53,9 +53,14 @@ def test_dispatch_argmax_routes_and_falls_back(dev, monkeypatch):
     """dispatch.argmax takes the split kernel where Triton runs, torch's argmax with the switch
     off; both give the same tokens."""
     from lowbit.kernels import dispatch
+    from lowbit.kernels.triton import argmax as mod
 
+    calls = []
+    real = mod.argmax
+    monkeypatch.setattr(mod, "argmax", lambda x: calls.append(x.shape) or real(x))
+    monkeypatch.setattr(dispatch, "use_triton", lambda device: True)
     x = torch.randn(2, 5000, generator=torch.Generator().manual_seed(2)).to(dev)
     want = x.cpu().argmax(-1)
-    assert torch.equal(dispatch.argmax(x).cpu(), want)
+    assert torch.equal(dispatch.argmax(x).cpu(), want) and calls == [(2, 5000)]
     monkeypatch.setattr(dispatch, "SPLIT_ARGMAX", False)
-    assert torch.equal(dispatch.argmax(x).cpu(), want)
+    assert torch.equal(dispatch.argmax(x).cpu(), want) and calls == [(2, 5000)]

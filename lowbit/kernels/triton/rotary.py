@@ -80,6 +80,7 @@ def _store_half(dst, x1, x2, i, mask, inv_scale, IS_FP8: tl.constexpr, FP8_MAX: 
 
 
 def _check(positions: Tensor, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> None:
+    """Assert the shapes and strides both entry points share."""
     T, H, D = q.shape
     assert k.shape == (T, k.shape[1], D), (q.shape, k.shape)
     assert positions.shape == (T,), positions.shape
@@ -116,9 +117,9 @@ def rotary_kv_store(
     k_scale: float = 1.0,
     v_scale: float = 1.0,
 ) -> Tensor:
-    """`rotary` of q and k and `kv_store` of the rotated k and of v, in one launch: returns the
-    rotated q (T, H, D); k (T, Hkv, D) rotated and v land at `slots` (< 0: skipped) of the
-    caches (S, Hkv, D), fp8 caches as x / scale saturated."""
+    """`rotary` of q and k, and the rotated k and v stored in the KV caches, in one launch:
+    returns the rotated q (T, H, D); k (T, Hkv, D) rotated and v land at `slots` (< 0: skipped)
+    of the caches (S, Hkv, D), fp8 caches as x / scale saturated (as `KVCache.write`)."""
     _check(positions, q, k, cos, sin)
     T, Hkv, D = k.shape
     assert v.shape == k.shape and v.stride(-1) == 1, (k.shape, v.shape)
@@ -132,6 +133,7 @@ def rotary_kv_store(
 
 
 def _launch(positions, q, k, v, qo, ko, vo, slots, cos, sin, inv_ks, inv_vs, store) -> None:
+    """One launch of `_rotary_kernel`: T programs × (H + Hkv) heads (nothing when T = 0)."""
     T, H, D = q.shape
     if T == 0:
         return

@@ -331,6 +331,25 @@ def _config(M: int, N: int, K: int, G: int, **over) -> dict[str, int]:
     return c
 
 
+def checked_mma16_rows(x, qmma, scales, qzeros, group_size, bias, perm):
+    """Assert the `mma16` layout's argument shapes; x as contiguous rows (M, K) in act order.
+
+    Returns (x2, N, K, G). Shared by this kernel and `wna16_mma_tiled`."""
+    ncg, nks = qmma.shape[:2]
+    N, K = ncg * 64, nks * 16
+    G = K if group_size in (-1, 0) else group_size
+    assert qmma.shape == (ncg, nks, 32, 4) and qmma.dtype == torch.int32 and qmma.is_contiguous()
+    assert x.shape[-1] == K and x.dtype in (torch.bfloat16, torch.float16), (x.shape, x.dtype)
+    assert scales.shape == (K // G, N) and scales.dtype == x.dtype and scales.stride(1) == 1
+    assert qzeros is None or (qzeros.shape == (K // G, N // 8) and qzeros.stride(1) == 1)
+    assert bias is None or bias.shape == (N,), bias.shape
+    assert G % 64 == 0 and K % G == 0, (G, K)
+    x2 = x.reshape(-1, K)
+    if perm is not None:
+        x2 = x2[:, perm]
+    return x2.contiguous(), N, K, G
+
+
 def wna16_mma_gemm(
     x: Tensor,
     qmma: Tensor,
@@ -345,19 +364,7 @@ def wna16_mma_gemm(
     `mma16` layout (`pack_mma16`); scales (K/G, N), qzeros (K/G, N/8) or None (symmetric, zero
     8), perm (act-order) as in `wna16_gemm.py`. `config` overrides `_config` (e, warps, waves,
     max_split) for tuning."""
-    ncg, nks = qmma.shape[:2]
-    N, K = ncg * 64, nks * 16
-    G = K if group_size in (-1, 0) else group_size
-    assert qmma.shape == (ncg, nks, 32, 4) and qmma.dtype == torch.int32 and qmma.is_contiguous()
-    assert x.shape[-1] == K and x.dtype in (torch.bfloat16, torch.float16), (x.shape, x.dtype)
-    assert scales.shape == (K // G, N) and scales.dtype == x.dtype and scales.stride(1) == 1
-    assert qzeros is None or (qzeros.shape == (K // G, N // 8) and qzeros.stride(1) == 1)
-    assert bias is None or bias.shape == (N,), bias.shape
-    assert G % 64 == 0 and K % G == 0, (G, K)
-    x2 = x.reshape(-1, K)
-    if perm is not None:
-        x2 = x2[:, perm]
-    x2 = x2.contiguous()
+    x2, N, K, G = checked_mma16_rows(x, qmma, scales, qzeros, group_size, bias, perm)
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)

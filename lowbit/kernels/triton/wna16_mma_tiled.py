@@ -20,13 +20,13 @@ on its way to the MMA, and above 64 rows dequantize + cuBLAS stays faster.
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from lowbit.kernels.triton.common import SplitKOutputs, grouped_tile, pdl, pdl_enter, splitk_last
 from lowbit.kernels.triton.wna16_gemm import _magic
+from lowbit.kernels.triton.wna16_mma import checked_mma16_rows
 
 NUM_SMS = 132
 
@@ -37,21 +37,21 @@ def _config(M: int, N: int, K: int, G: int, **over) -> dict[str, int]:
     weight tiles) and split (K splits; 0 = enough to fill the SMs once, at most 4, each with
     ≥ 8 K tiles).
 
-    Chosen from offline sm_90 builds: one warpgroup (4 warps) and bk = 128 are the builds whose
-    wgmmas ptxas keeps asynchronous (8 warps, bk = 64 or split > 1 serialize them, C7515),
-    without spills. M is the MMA's N (bm), so the decode work per MMA falls as 1 / bm. The H100
-    sweep (benchmarks/RESULTS.md run 12) found one config that wins anywhere — bm 64, bn 128,
-    bk 128, 3 stages on gate_up at M = 64 (95 µs; the small-M kernel 123, bf16 cuBLAS 93) —
-    and dispatch runs only that (`dispatch.WNA16_MMA_TILED_CONFIG`); at M = 256 the best config
-    reached 0.34-0.40× bf16, below dequantize + cuBLAS (0.48-0.57×)."""
+    One warpgroup (4 warps) and bk = 128: the offline sm_90 builds whose wgmmas ptxas keeps
+    asynchronous (8 warps, bk = 64 or split > 1 serialize them, C7515), without spills. Tiles:
+    the fastest of the H100 sweep (benchmarks/RESULTS.md run 12, 10 configs on the four
+    Llama-3-8B shapes) at each measured M, on every shape — M = 16: bm 16, bn 128, 4 stages;
+    M = 64: bm 64, bn 128, 3 stages (gate_up 95 µs, where the small-M kernel takes 123 and bf16
+    cuBLAS 93: the one place dispatch runs this kernel); M = 256: bm 128, bn 64, 3 stages
+    (0.34-0.40× bf16, below dequantize + cuBLAS's 0.48-0.57×)."""
     bk = 128 if G % 128 == 0 else 64
     if M <= 32:
         bm = max(16, triton.next_power_of_2(M))
         c = {"bm": bm, "bn": 128, "bk": bk, "warps": 4, "stages": 4, "group_m": 8, "split": 0}
     elif M <= 64:
-        c = {"bm": 64, "bn": 64, "bk": bk, "warps": 4, "stages": 4, "group_m": 8, "split": 0}
+        c = {"bm": 64, "bn": 128, "bk": bk, "warps": 4, "stages": 3, "group_m": 8, "split": 0}
     else:
-        c = {"bm": 128, "bn": 64, "bk": bk, "warps": 4, "stages": 4, "group_m": 8, "split": 0}
+        c = {"bm": 128, "bn": 64, "bk": bk, "warps": 4, "stages": 3, "group_m": 8, "split": 0}
     if set(over) - set(c):
         raise ValueError(
             f"unknown wna16_mma_tiled config keys {sorted(set(over) - set(c))}; use {list(c)}"
@@ -165,23 +165,10 @@ def wna16_mma_tiled(
     """y = x @ dequant(W)^T (+ bias) for any number of rows of bf16/fp16 x and an int4 weight in
     the `mma16` layout (`pack_mma16`); arguments as `wna16_mma.wna16_mma_gemm`. `config`
     overrides `_config` (bm, bn, bk, warps, stages, group_m, split) for tuning."""
-    # qmma (N/64, K/16, 32, 4) int32; scales (K/G, N); qzeros (K/G, N/8) or None; x (…, K)
-    ncg, nks = qmma.shape[:2]
-    N, K = ncg * 64, nks * 16
-    G = K if group_size in (-1, 0) else group_size
-    assert qmma.shape == (ncg, nks, 32, 4) and qmma.dtype == torch.int32 and qmma.is_contiguous()
-    assert x.shape[-1] == K and x.dtype in (torch.bfloat16, torch.float16), (x.shape, x.dtype)
-    assert scales.shape == (K // G, N) and scales.dtype == x.dtype and scales.stride(1) == 1
+    x2, N, K, G = checked_mma16_rows(x, qmma, scales, qzeros, group_size, bias, perm)
     assert scales.data_ptr() % 4 == 0 and (K == G or scales.stride(0) % 2 == 0), (
         "scales are read as int32 pairs: rows must start 4-byte aligned"
     )
-    assert qzeros is None or (qzeros.shape == (K // G, N // 8) and qzeros.stride(1) == 1)
-    assert bias is None or bias.shape == (N,), bias.shape
-    assert G % 64 == 0 and K % G == 0, (G, K)
-    x2 = x.reshape(-1, K)
-    if perm is not None:
-        x2 = x2[:, perm]
-    x2 = x2.contiguous()  # (M, K)
     M = x2.shape[0]
     if M == 0:
         return x.new_empty(*x.shape[:-1], N)
