@@ -13,8 +13,8 @@ With PDL a kernel's interval starts while the previous one still runs (it waits 
 `--engine` records --steps decode steps of --batch prompts through `lowbit.Engine.generate`
 instead (`bench_decode.make_engine`: scheduler, sampler, detokenizer, overlap as served): the
 same GPU table, and the host's heaviest operations by self CPU time, to see what the engine adds
-to a step beyond the runner loop. Its wall and busy times are over the whole generate call
-(prefill included), divided by --steps.
+to a step beyond the runner loop: generate is profiled for 1 and for 1 + --steps new tokens,
+and every figure is the difference divided by --steps (prefill excluded).
 """
 
 from __future__ import annotations
@@ -76,32 +76,39 @@ def profile_variant(model_dir: Path, variant: str, batch: int, prompt: int, step
 
 
 def profile_engine(model_dir: Path, variant: str, batch: int, prompt: int, steps: int) -> dict:
-    """`profile_variant` through `Engine.generate` of `batch` prompts, `steps` new tokens each,
-    with the host's heaviest operations."""
+    """`profile_variant` through `Engine.generate` of `batch` prompts, with the host's heaviest
+    operations: generate is profiled for 1 and for 1 + `steps` new tokens, and every figure is
+    the difference divided by `steps` (the prefill and the first token cancel out, as in
+    `bench_decode.engine_decode`)."""
     with lowbit_decode_flags(variant) as (scheme, flags):
         eng = make_engine(model_dir, scheme, flags, batch, prompt + steps + 64)
         ids = torch.randint(3, eng.model_config.vocab_size, (batch, prompt)).tolist()
         params = {"temperature": 0, "ignore_eos": True}
         eng.generate(ids, {**params, "max_new_tokens": 8})  # warm-up
         acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-        torch.cuda.synchronize()
-        with torch.profiler.profile(activities=acts) as prof:
-            t0 = time.perf_counter()
-            eng.generate(ids, {**params, "max_new_tokens": steps})
+        runs = []
+        for n in (1, 1 + steps):
             torch.cuda.synchronize()
-            wall = time.perf_counter() - t0
+            with torch.profiler.profile(activities=acts) as prof:
+                t0 = time.perf_counter()
+                eng.generate(ids, {**params, "max_new_tokens": n})
+                torch.cuda.synchronize()
+                wall = time.perf_counter() - t0
+            runs.append((prof, wall))
         eng.shutdown()
         del eng
     _free()
-    out = _summary(prof, variant + " (engine)", batch, steps, wall)
-    host = sorted(
-        (e for e in prof.key_averages() if e.self_cpu_time_total > 0),
-        key=lambda e: -e.self_cpu_time_total,
-    )
+    (p1, w1), (pn, wn) = runs
+    k1, kn = _kernels(p1), _kernels(pn)
+    out = _table(variant + " (engine)", batch, steps, wn - w1, _busy(kn) - _busy(k1), kn, k1)
+    host = defaultdict(lambda: [0, 0.0])
+    for prof, sign in ((pn, 1), (p1, -1)):
+        for e in prof.key_averages():
+            host[e.key][0] += sign * e.count
+            host[e.key][1] += sign * e.self_cpu_time_total
     out["host"] = [
-        {"op": e.key[:90], "calls_per_step": e.count / steps,
-         "self_cpu_us_per_step": e.self_cpu_time_total / steps}
-        for e in host[:25]
+        {"op": k[:90], "calls_per_step": c / steps, "self_cpu_us_per_step": t / steps}
+        for k, (c, t) in sorted(host.items(), key=lambda kv: -kv[1][1])[:25]
     ]  # fmt: skip
     return out
 
@@ -109,10 +116,16 @@ def profile_engine(model_dir: Path, variant: str, batch: int, prompt: int, steps
 def _summary(prof, variant: str, batch: int, steps: int, wall: float) -> dict:
     """Wall and GPU busy time a step, and each kernel's launches and µs a step."""
     ks = _kernels(prof)
+    return _table(variant, batch, steps, wall, _busy(ks), ks)
+
+
+def _table(variant, batch, steps, wall, busy, ks, minus=()) -> dict:
+    """The summary of kernels `ks` less kernels `minus` (another run's), per step."""
     per = defaultdict(lambda: [0, 0.0])
-    for name, s, e in ks:
-        per[name][0] += 1
-        per[name][1] += e - s
+    for sign, kernels in ((1, ks), (-1, minus)):
+        for name, s, e in kernels:
+            per[name][0] += sign
+            per[name][1] += sign * (e - s)
     table = sorted(
         ({"kernel": n[:90], "calls_per_step": c / steps, "us_per_step": t / steps}
          for n, (c, t) in per.items()),
@@ -121,9 +134,9 @@ def _summary(prof, variant: str, batch: int, steps: int, wall: float) -> dict:
     return {
         "variant": variant, "batch": batch, "steps": steps,
         "wall_us_per_step": 1e6 * wall / steps,
-        "gpu_busy_us_per_step": _busy(ks) / steps,
+        "gpu_busy_us_per_step": busy / steps,
         "kernel_sum_us_per_step": sum(r["us_per_step"] for r in table),
-        "launches_per_step": len(ks) / steps, "kernels": table,
+        "launches_per_step": (len(ks) - len(minus)) / steps, "kernels": table,
     }  # fmt: skip
 
 

@@ -61,8 +61,10 @@ class EngineArgs:
     max_total_tokens: int | None = None
     block_size: int = 16
     max_running_requests: int = 256
-    # Tokens one forward pass may hold (prefill chunks + decodes).
-    max_num_batched_tokens: int = 2048
+    # Tokens one forward pass may hold (prefill chunks + decodes); None sizes it by the device
+    # (`runner.default_batched_tokens`: 2048 on CPU and GPUs under 35 GiB, 4096 under 60, else
+    # 8192).
+    max_num_batched_tokens: int | None = None
     mem_fraction_static: float = 0.85
     disable_cuda_graph: bool = False
     # Launch the next decode step before handling this one's tokens on the host (their
@@ -108,7 +110,7 @@ class EngineArgs:
             raise ValueError(
                 f"max_running_requests must be positive, got {self.max_running_requests}"
             )
-        if self.max_num_batched_tokens <= 0:
+        if self.max_num_batched_tokens is not None and self.max_num_batched_tokens <= 0:
             raise ValueError(
                 f"max_num_batched_tokens must be positive, got {self.max_num_batched_tokens}"
             )

@@ -64,7 +64,10 @@ def build_parser(prog: str = "python -m lowbit.launch_server") -> argparse.Argum
     r.add_argument("--max-running-requests", type=int, default=256)
     r.add_argument("--max-total-tokens", type=int, default=None, help="KV cache capacity in tokens")
     r.add_argument(
-        "--chunked-prefill-size", type=int, default=2048, help="most tokens in one forward pass"
+        "--chunked-prefill-size",
+        type=int,
+        default=None,
+        help="most tokens in one forward pass (default: by GPU memory, 2048-8192; 2048 on CPU)",
     )
     r.add_argument("--disable-cuda-graph", action="store_true")
     r.add_argument(

@@ -246,3 +246,28 @@ def test_sample_leaves_the_logits_alone_and_penalizes_only_its_row():
     assert torch.equal(logits, before)
     tokens, _ = sample(logits, rows[1:] * 2, None)  # no penalties: no copy, same answer
     assert tokens == [1, 1] and torch.equal(logits, before)
+
+
+def test_batched_tokens_default_by_device(tiny_llama, monkeypatch):
+    """The forward-pass token budget: 2048 on CPU; on CUDA sized by the GPU's memory; an
+    explicit value wins. A budget below a batch's prompts prefills it over several steps."""
+    from lowbit.engine import runner as runner_mod
+
+    assert runner_mod.default_batched_tokens(torch.device("cpu")) == 2048
+
+    class Props:
+        total_memory = 0
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: Props)
+    for gib, want in ((24, 2048), (40, 4096), (79.2, 8192), (139, 8192)):
+        Props.total_memory = int(gib * 2**30)
+        assert runner_mod.default_batched_tokens(torch.device("cuda")) == want, gib
+    with lowbit.Engine(str(tiny_llama), device="cpu") as eng:
+        assert eng.scheduler.max_batched_tokens == 2048
+    eng = lowbit.Engine(str(tiny_llama), device="cpu", max_num_batched_tokens=96)
+    steps = []
+    forward = eng.runner.forward
+    eng.runner.forward = lambda ids, *a, **k: steps.append(len(ids)) or forward(ids, *a, **k)
+    eng.generate(_prompts(8), {"temperature": 0, "max_new_tokens": 1, "ignore_eos": True})
+    assert eng.scheduler.max_batched_tokens == 96 and max(steps) <= 96 and len(steps) >= 4
+    eng.shutdown()

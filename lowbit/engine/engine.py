@@ -88,7 +88,7 @@ class Engine:
         self.runner = ModelRunner(self.args, cfg, plan, self.model_dir, self.tokenizer)
         self.allocator = BlockAllocator(self.runner.num_blocks, self.args.block_size)
         self.scheduler = Scheduler(
-            self.allocator, self.args.max_running_requests, self.args.max_num_batched_tokens
+            self.allocator, self.args.max_running_requests, self.runner.batched_tokens
         )
         self.context_length = self._context_length(cfg)
         self.eos_token_ids = set(cfg.eos_token_ids)

@@ -56,6 +56,19 @@ def pick_device(device: str | None) -> torch.device:
     return dev
 
 
+def default_batched_tokens(device: torch.device) -> int:
+    """Tokens a forward pass may hold when not set: as SGLang sizes its chunked prefill, by the
+    GPU's memory (2048 under 35 GiB, 4096 under 60, else 8192; 2048 on CPU). A budget smaller
+    than a batch's prompts prefills them over several steps, interleaved with the decodes of
+    those admitted first, so the batch decodes out of step: a batch of 64 prompts of 128 tokens
+    with 2048 took 37 forward passes for 33 tokens each (3 mixed, 4 tail steps of 48 / 33 / 17 /
+    1 sequences) where 8192 takes 33 (benchmarks/RESULTS.md run 13)."""
+    if device.type != "cuda":
+        return 2048
+    gib = torch.cuda.get_device_properties(device).total_memory / 2**30
+    return 2048 if gib < 35 else 4096 if gib < 60 else 8192
+
+
 def pick_dtype(name: str, cfg: ModelConfig, device: torch.device) -> torch.dtype:
     """'auto' → the checkpoint's dtype, except float32 on CUDA, which runs in bfloat16."""
     if name != "auto":
@@ -82,6 +95,8 @@ class ModelRunner:
         self.args, self.cfg = args, cfg
         self.tokenizer = tokenizer  # the engine's; read from model_dir only if calibration needs it
         self.device = pick_device(args.device)
+        # tokens a forward pass may hold (the scheduler's budget, the warm-up's prefill)
+        self.batched_tokens = args.max_num_batched_tokens or default_batched_tokens(self.device)
         self.dtype = pick_dtype(args.dtype, cfg, self.device)
         self.block_size = args.block_size
         torch.manual_seed(args.seed)
@@ -154,7 +169,7 @@ class ModelRunner:
 
     def _warmup(self) -> None:
         """One full-budget prefill on a scratch cache, so peak activation memory is measured."""
-        n = min(self.args.max_num_batched_tokens, self.cfg.max_position_embeddings)
+        n = min(self.batched_tokens, self.cfg.max_position_embeddings)
         blocks = -(-n // self.block_size)
         caches = self._allocate_kv_cache(blocks)
         table = list(range(blocks))
