@@ -23,7 +23,9 @@ would), `+unfusedq` quantizes W8A8 inputs in the GEMMs instead of in RMSNorm / S
 (LOWBIT_FUSE_ACT_QUANT=0), `+torchargmax` picks greedy tokens with torch's argmax instead of
 the split Triton one (dispatch.SPLIT_ARGMAX off), `+notiled` keeps wide int4 weights at 33-64
 rows on the small-M kernel (dispatch.WNA16_MMA_TILED off), `+early8` loads the first weight
-tile of the W8A8 / 16-bit GEMVs before the PDL wait (w8a8_gemv.EARLY on); scheme `bf16`
+tile of the W8A8 / 16-bit GEMVs before the PDL wait (w8a8_gemv.EARLY on), `+nodefer`
+quantizes a one-row SwiGLU in its own one-program pass instead of in the W8A8 GEMV
+(silu_mul.DEFER_MAX_M = 0); scheme `bf16`
 (unquantized) or one of benchlib.BENCH_SCHEMES, lowbit's own quantized plans over dummy weights
 (benchlib.bench_plan).
 RMSNorm, rotary and SwiGLU run the fused Triton kernels in every variant (the layers call them
@@ -78,7 +80,13 @@ def _time_steps(runner, tok, lens: list[int], tables: list[list[int]], steps: in
 @contextlib.contextmanager
 def lowbit_decode_flags(variant: str):
     """Apply a variant's `+nopdl` / `+cublas` flags for the block: yields (scheme, flags)."""
-    from lowbit.kernels.triton import common, paged_decode_attention, w8a8_gemv, wna16_mma
+    from lowbit.kernels.triton import (
+        common,
+        paged_decode_attention,
+        silu_mul,
+        w8a8_gemv,
+        wna16_mma,
+    )
 
     overrides = {
         "nopdl": (common, "PDL_ENABLED", False),
@@ -96,6 +104,7 @@ def lowbit_decode_flags(variant: str):
         "torchargmax": (dispatch, "SPLIT_ARGMAX", False),
         "notiled": (dispatch, "WNA16_MMA_TILED", False),
         "early8": (w8a8_gemv, "EARLY", True),
+        "nodefer": (silu_mul, "DEFER_MAX_M", 0),
     }
     scheme, *flags = variant.split("+")
     if set(flags) - {"eager", "nooverlap", *overrides}:

@@ -259,6 +259,37 @@ class QuantizedActivation:
         return self.q.reshape(-1, K), self.scale.reshape(-1, 1)
 
 
+class DeferredQuant(QuantizedActivation):
+    """A QuantizedActivation whose codes are not written yet: x (…, K) in the compute dtype
+    and, per row, the producer's partial absmaxes `amax` (M, P) float32 (one a SwiGLU program),
+    for the per-token scale max(amax, EPS) / qmax. The W8A8 GEMV quantizes x as it loads it,
+    with the numbers `act_quant` gives, so SwiGLU at one row runs on many programs instead of
+    one that also quantizes the whole row (`silu_mul`). Any other consumer reads `q` / `scale`,
+    which quantize x then (the same codes)."""
+
+    __slots__ = ("x", "amax", "qdtype", "qmax", "_codes")
+
+    def __init__(self, x: Tensor, amax: Tensor, qdtype: torch.dtype, qmax: float):
+        self.x, self.amax, self.qdtype, self.qmax = x, amax, qdtype, qmax
+        self._codes = None
+
+    def _materialize(self) -> tuple[Tensor, Tensor]:
+        if self._codes is None:
+            K = self.x.shape[-1]
+            q, s = act_quant(self.x.reshape(-1, K), self.qdtype, None, self.qmax)
+            self._codes = (q.reshape(self.x.shape), s.reshape(*self.x.shape[:-1], 1))
+        return self._codes
+
+    q = property(lambda self: self._materialize()[0])
+    scale = property(lambda self: self._materialize()[1])
+    dtype = property(lambda self: self.x.dtype)
+    shape = property(lambda self: self.x.shape)
+    device = property(lambda self: self.x.device)
+
+    def numel(self) -> int:
+        return self.x.numel()
+
+
 # Norms and SwiGLU quantize their outputs for W8A8 consumers (LOWBIT_FUSE_ACT_QUANT=0: the
 # GEMMs quantize, one more launch each; benchmarks flip FUSE_ACT_QUANT).
 FUSE_ACT_QUANT = os.environ.get("LOWBIT_FUSE_ACT_QUANT", "1") != "0"

@@ -122,3 +122,49 @@ def test_w8a8_gemm_takes_quantized_activation(dev, wdtype, T):
     # the same codes and scales: equal up to the GEMM's own run-to-run rounding (cuBLASLt may
     # choose another algorithm); a wrong scale or code would be off by far more
     assert fused.dtype == plain.dtype == ACT_DTYPE and rel_err(fused, plain) < 1e-3
+
+
+@pytest.mark.parametrize("T", [1, 17])
+@pytest.mark.parametrize("quant", QUANTS)
+def test_silu_mul_defers_quantization_at_one_row(dev, T, quant):
+    """At one row a quantized SwiGLU returns its values and per-program absmaxes (the GEMV
+    quantizes), at more rows the codes; either way `q` / `scale` are act_quant's."""
+    _needs_fusion(dev, quant)
+    x = torch.randn(T, 2 * 3000, device=dev, dtype=ACT_DTYPE)
+    qa = dispatch.silu_mul(x, quant)
+    h = dispatch.silu_mul(x)
+    deferred = isinstance(qa, dispatch.DeferredQuant)
+    assert deferred == (T == 1)
+    if deferred:
+        assert torch.equal(qa.x, h) and qa.amax.shape == (1, 3)  # 3 programs of 1024
+        assert torch.equal(qa.amax.amax(1), h.float().abs().amax(1))
+        assert (qa.qdtype, qa.qmax) == quant and qa.dtype == ACT_DTYPE
+    q, s = dispatch.act_quant(h, quant[0], None, quant[1])
+    assert torch.equal(qa.q.view(torch.int8), q.view(torch.int8)) and torch.equal(qa.scale, s)
+
+
+@pytest.mark.parametrize("quant", QUANTS)
+@pytest.mark.parametrize("K", [1536, 1000])  # even tiles; a K past the last tile (masked)
+def test_w8a8_gemv_quantizes_deferred_input(dev, quant, K):
+    """The GEMV given SwiGLU's deferred output (16-bit values, partial absmaxes) gives the bits
+    it gives for the codes act_quant writes: the same codes, quantized as it loads them."""
+    _needs_fusion(dev, quant)
+    wdtype, qmax = quant
+    gen = torch.Generator().manual_seed(K)
+    N = 264
+    w = torch.randn(N, K, generator=gen)
+    ws = w.abs().amax(1) / qmax
+    wq = (w / ws[:, None]).clamp(-qmax, qmax)
+    wq = (wq.round() if wdtype == torch.int8 else wq).to(wdtype).to(dev)
+    gate_up = (3 * torch.randn(1, 2 * K, generator=gen)).to(dev, ACT_DTYPE)
+    bias = torch.randn(N, generator=gen).to(dev, ACT_DTYPE)
+    deferred = dispatch.silu_mul(gate_up, quant)
+    assert isinstance(deferred, dispatch.DeferredQuant)
+    q, s = dispatch.act_quant(dispatch.silu_mul(gate_up), wdtype, None, qmax)
+    codes = dispatch.QuantizedActivation(q, s, ACT_DTYPE)
+    gemm = dispatch.int8_gemm if wdtype == torch.int8 else dispatch.fp8_scaled_mm
+    for b in (None, bias):
+        got, want = gemm(deferred, wq, ws.to(dev), bias=b), gemm(codes, wq, ws.to(dev), bias=b)
+        assert got.dtype == ACT_DTYPE and torch.equal(got, want)
+        ref = (q.float() @ wq.float().t()) * s * ws.to(dev) + (0 if b is None else b.float())
+        assert rel_err(got, ref) < 1e-2

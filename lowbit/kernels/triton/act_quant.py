@@ -41,12 +41,21 @@ def quantize_block(x, QMAX: tl.constexpr, IS_INT: tl.constexpr, EPS: tl.constexp
     int8 rounds half away from zero and saturates. Shared by the kernels that quantize their
     own output (RMSNorm, SwiGLU), so theirs equal this kernel's codes bit for bit."""
     scale = tl.maximum(tl.max(tl.abs(x), axis=0), EPS) / QMAX
+    return quantize_with(x, scale, QMAX, IS_INT), scale
+
+
+@triton.jit
+def quantize_with(x, scale, QMAX: tl.constexpr, IS_INT: tl.constexpr):
+    """The codes (as float32) of float32 x at a given scale (broadcast against x): x / scale,
+    int8 rounded half away from zero and saturated, fp8 saturated at ±QMAX (the caller's cast
+    to e4m3 rounds). `quantize_block`'s second half; the W8A8 GEMV quantizes SwiGLU's output
+    with it as it loads x (`dispatch.DeferredQuant`)."""
     y = x / scale
     if IS_INT:
         y = tl.clamp(tl.where(y >= 0, tl.floor(y + 0.5), tl.ceil(y - 0.5)), -128.0, 127.0)
     else:
         y = tl.clamp(y, -QMAX, QMAX)
-    return y, scale
+    return y
 
 
 def act_quant(

@@ -1,5 +1,11 @@
 """SwiGLU activation: silu(gate) · up from the fused gate_up output, in one pass; optionally
-quantized per token for a W8A8 down projection in the same pass."""
+quantized per token for a W8A8 down projection in the same pass.
+
+The per-token scale needs the whole row, so the quantizing kernel is one program a row. Up to
+DEFER_MAX_M rows (decode at batch 1: one program for 14,336 values) the row instead runs on
+many programs, each writing its values and their absmax, and the W8A8 GEMV quantizes as it
+loads them (`dispatch.DeferredQuant`): the same codes, one short launch instead of a long one.
+"""
 
 from __future__ import annotations
 
@@ -8,23 +14,31 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lowbit.kernels.dispatch import QuantizedActivation
+from lowbit.kernels.dispatch import DeferredQuant, QuantizedActivation
 from lowbit.kernels.triton.act_quant import EPS, QMAX, quantize_block
 from lowbit.kernels.triton.common import pdl, pdl_enter
 
 BLOCK = 1024
+# Rows up to which a quantized SwiGLU leaves the quantization to its W8A8 GEMV consumer (the
+# GEMV's rows: `w8a8_gemm._gemv_path`)
+DEFER_MAX_M = 1
 
 
 @triton.jit
 def _silu_mul_kernel(
-    x_ptr, out_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr, PDL: tl.constexpr
-):
+    x_ptr, out_ptr, amax_ptr, n_cols, stride_x, stride_o, BLOCK: tl.constexpr,
+    AMAX: tl.constexpr, PDL: tl.constexpr,
+):  # fmt: skip
+    """AMAX: each program also writes its values' absmax at amax[row, program]."""
     pdl_enter(PDL)
     row = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < n_cols
-    tl.store(out_ptr + row * stride_o + cols, _swiglu(x_ptr + row * stride_x, cols, mask, n_cols),
-             mask=mask)  # fmt: skip
+    h = _swiglu(x_ptr + row * stride_x, cols, mask, n_cols)  # 0 where masked
+    tl.store(out_ptr + row * stride_o + cols, h, mask=mask)
+    if AMAX:
+        tl.store(amax_ptr + row * tl.num_programs(1) + tl.program_id(1),
+                 tl.max(tl.abs(h.to(tl.float32)), axis=0))  # fmt: skip
 
 
 @triton.jit
@@ -58,7 +72,8 @@ def silu_mul(x: Tensor, quant=None):
     """x (…, 2·I) = [gate | up] → silu(gate) · up (…, I).
 
     quant  None, or (dtype, qmax): the result quantized per token (int8 / float8_e4m3fn,
-           scale = absmax / qmax), returned as a dispatch.QuantizedActivation
+           scale = absmax / qmax), returned as a dispatch.QuantizedActivation (up to
+           DEFER_MAX_M rows a dispatch.DeferredQuant: values and partial absmaxes)
     """
     two_i = x.shape[-1]
     assert two_i % 2 == 0, x.shape
@@ -66,6 +81,14 @@ def silu_mul(x: Tensor, quant=None):
     x2 = x.reshape(-1, two_i)
     assert x2.stride(-1) == 1, x.stride()
     M = x2.shape[0]
+    if quant is not None and 0 < M <= DEFER_MAX_M:
+        qdtype, qmax = quant
+        out = torch.empty(M, I, dtype=x.dtype, device=x.device)
+        amax = torch.empty(M, triton.cdiv(I, BLOCK), dtype=torch.float32, device=x.device)
+        _launch(x2, out, amax)
+        lead = x.shape[:-1]
+        return DeferredQuant(out.reshape(*lead, I), amax,
+                             qdtype, float(qmax or QMAX[qdtype]))  # fmt: skip
     if quant is not None:
         qdtype, qmax = quant
         q = torch.empty(M, I, dtype=qdtype, device=x.device)
@@ -81,7 +104,15 @@ def silu_mul(x: Tensor, quant=None):
         return QuantizedActivation(q.reshape(*lead, I), scale.reshape(*lead, 1), x.dtype)
     out = torch.empty(M, I, dtype=x.dtype, device=x.device)
     if M:
-        _silu_mul_kernel[(M, triton.cdiv(I, BLOCK))](
-            x2, out, I, x2.stride(0), out.stride(0), BLOCK=BLOCK, **pdl(x2.device), num_warps=4
-        )
+        _launch(x2, out, None)
     return out.reshape(*x.shape[:-1], I)
+
+
+def _launch(x2: Tensor, out: Tensor, amax: Tensor | None) -> None:
+    """SwiGLU of x2's rows (M, 2I) into out (M, I): programs of BLOCK columns, each writing its
+    absmax at amax (M, programs) when given."""
+    M, I = out.shape  # noqa: E741
+    _silu_mul_kernel[(M, triton.cdiv(I, BLOCK))](
+        x2, out, amax if amax is not None else out, I, x2.stride(0), out.stride(0), BLOCK=BLOCK,
+        AMAX=amax is not None, **pdl(x2.device), num_warps=4,
+    )  # fmt: skip

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lowbit.kernels.dispatch import QuantizedActivation
+from lowbit.kernels.dispatch import DeferredQuant, QuantizedActivation
 from lowbit.kernels.triton.act_quant import act_quant
 from lowbit.kernels.triton.common import pdl, pdl_enter
 from lowbit.kernels.triton.w8a8_gemv import w8a8_gemv
@@ -123,6 +123,13 @@ def w8a8_gemm(
     ws = ws.expand(N).contiguous() if ws.numel() == 1 else ws
     lead = x.shape[:-1]
     is_int = weight.dtype == torch.int8
+    over = dict(config or {})
+    path = over.pop("path", None)
+    if path is None and _gemv_path(x.numel() // K):
+        path, over = "gemv", GEMV_CONFIG
+    if isinstance(x, DeferredQuant) and path == "gemv":  # quantized as the GEMV loads it
+        assert input_scale is None, "a DeferredQuant is per token"
+        return w8a8_gemv(x, None, weight, ws, bias, x.dtype, over).reshape(*lead, N)
     if isinstance(x, QuantizedActivation):
         assert x.q.dtype == weight.dtype and input_scale is None, (x.q.dtype, weight.dtype)
         xq, xs = x.rows()
@@ -135,10 +142,6 @@ def w8a8_gemm(
         xq = (y.round() if is_int else y).clamp(lo, hi).to(weight.dtype)
         xs = s.expand(xq.shape[0], 1)
     M = xq.shape[0]  # xq (M, K), xs (M, 1)
-    over = dict(config or {})
-    path = over.pop("path", None)
-    if path is None and _gemv_path(M):
-        path, over = "gemv", GEMV_CONFIG
     if path == "gemv":
         return w8a8_gemv(xq, xs, weight, ws, bias, x.dtype, over).reshape(*lead, N)
     bm, bn, bk, split, warps, stages = _config(M, N, K, **over)

@@ -21,6 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from lowbit.kernels.dispatch import DeferredQuant
+from lowbit.kernels.triton.act_quant import EPS, quantize_with
 from lowbit.kernels.triton.common import (
     SplitKOutputs,
     pdl,
@@ -67,8 +69,11 @@ def _w8a8_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
     SPLIT: tl.constexpr, FUSED: tl.constexpr, FINISH_BIAS: tl.constexpr, WARPS: tl.constexpr,
-    EARLY: tl.constexpr, PDL: tl.constexpr,
+    EARLY: tl.constexpr, DEFER: tl.constexpr, N_AMAX: tl.constexpr, QMAX: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
+    """DEFER: x is in the compute dtype and xs holds N_AMAX partial absmaxes a row
+    (`dispatch.DeferredQuant`); x is quantized here as `act_quant` would, scale max / QMAX."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -80,20 +85,32 @@ def _w8a8_gemv_kernel(
     if EARLY:  # weights are never written by a kernel: the first tile may load before the wait
         w_first = _w_tile(w_ptr, rn, n_mask, k0, K, stride_wn, BLOCK_K, EVEN, acc_t)
     pdl_enter(PDL)
+    x_scale = tl.full([BLOCK_M], 1.0, tl.float32)
+    if DEFER:  # the row's scale from its partial absmaxes (rows ≥ M: EPS, x there is 0)
+        p = tl.arange(0, triton.next_power_of_2(N_AMAX))
+        amax = tl.load(xs_ptr + rm[:, None] * stride_xsm + p[None, :],
+                       mask=m_mask[:, None] & (p < N_AMAX)[None, :], other=0.0)  # fmt: skip
+        x_scale = tl.maximum(tl.max(amax, axis=1), EPS) / QMAX
+    code_t = w_ptr.dtype.element_ty
     acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], acc_t)
     if EARLY:
-        x = _x_tile(x_ptr, rm, m_mask, k0, K, stride_xm, BLOCK_K, EVEN, acc_t)
+        x = _x_tile(x_ptr, rm, m_mask, k0, K, stride_xm, BLOCK_K, EVEN, acc_t, DEFER, x_scale,
+                    QMAX, IS_INT, code_t)  # fmt: skip
         acc += w_first.to(acc_t)[None, :, :] * x.to(acc_t)[:, None, :]
     # a constant trip count (few distinct values: one per shape); the loop's num_stages
     # prefetches its loads (the launch's num_stages pipelines only loads that feed a tl.dot)
     for t in tl.range(1 if EARLY else 0, PER_SPLIT, num_stages=STAGES):
         k = k0 + t * BLOCK_K
         w = _w_tile(w_ptr, rn, n_mask, k, K, stride_wn, BLOCK_K, EVEN, acc_t)
-        x = _x_tile(x_ptr, rm, m_mask, k, K, stride_xm, BLOCK_K, EVEN, acc_t)
+        x = _x_tile(x_ptr, rm, m_mask, k, K, stride_xm, BLOCK_K, EVEN, acc_t, DEFER, x_scale,
+                    QMAX, IS_INT, code_t)  # fmt: skip
         acc += w.to(acc_t)[None, :, :] * x.to(acc_t)[:, None, :]
     y = tl.sum(acc, axis=2).to(tl.float32)  # (BM, BN)
     if SCALED:
-        xs = tl.load(xs_ptr + rm * stride_xsm, mask=m_mask, other=0.0)
+        if DEFER:
+            xs = x_scale
+        else:
+            xs = tl.load(xs_ptr + rm * stride_xsm, mask=m_mask, other=0.0)
         ws = tl.load(ws_ptr + rn, mask=n_mask, other=0.0)
         y = y * xs[:, None] * ws[None, :]
     if HAS_BIAS:
@@ -125,11 +142,16 @@ def _w_tile(w_ptr, rn, n_mask, k, K, stride_wn, BLOCK_K: tl.constexpr, EVEN: tl.
 
 @triton.jit
 def _x_tile(x_ptr, rm, m_mask, k, K, stride_xm, BLOCK_K: tl.constexpr, EVEN: tl.constexpr,
-            acc_t: tl.constexpr):  # fmt: skip
-    """The (BM, BK) activation tile at column k; rows ≥ M (and columns ≥ K) zero."""
+            acc_t: tl.constexpr, DEFER: tl.constexpr, x_scale, QMAX: tl.constexpr,
+            IS_INT: tl.constexpr, code_t: tl.constexpr):  # fmt: skip
+    """The (BM, BK) activation tile at column k; rows ≥ M (and columns ≥ K) zero. DEFER: x
+    in the compute dtype, returned as its codes (code_t) at the rows' scales x_scale (BM,)."""
     rk = k + tl.arange(0, BLOCK_K)
     ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
-    if EVEN:
+    if DEFER:  # 16-bit x: masked lanes load 0, whose code is 0
+        x = tl.load(ptrs, mask=m_mask[:, None] & (rk < K)[None, :], other=0.0)
+        x = quantize_with(x.to(tl.float32), x_scale[:, None], QMAX, IS_INT).to(code_t)
+    elif EVEN:
         x = tl.load(ptrs, mask=m_mask[:, None])
     else:
         mask = m_mask[:, None] & (rk < K)[None, :]
@@ -149,13 +171,18 @@ def w8a8_gemv(
 ) -> Tensor:
     """(M, N) = dequant(xq @ weight^T) (+ bias) for M ≤ MAX_M quantized activation rows.
 
-    xq      (M, K)  int8 / float8_e4m3fn, row stride ≥ K, unit column stride
-    xs      (M, 1)  float32 per-row activation scales
+    xq      (M, K)  int8 / float8_e4m3fn, row stride ≥ K, unit column stride; or a
+                    dispatch.DeferredQuant to weight's dtype (M, K), quantized as loaded
+    xs      (M, 1)  float32 per-row activation scales (None with a DeferredQuant)
     weight  (N, K)  same dtype as xq, unit column stride
     ws      (N,)    float32 per-output-channel weight scales (expanded when per tensor)
     config  keyword overrides of `_config` (bn, bk, warps, stages, waves, early): tuning
     """
     cfg = _config(xq.shape[0], weight.shape[0], xq.shape[1], **(config or {}))
+    if isinstance(xq, DeferredQuant):
+        assert xs is None and xq.qdtype == weight.dtype, (xq.qdtype, weight.dtype)
+        x = xq.x.reshape(-1, xq.shape[-1])
+        return _gemv(x, xq.amax, weight, ws, bias, out_dtype, cfg, qmax=xq.qmax)
     return _gemv(xq, xs, weight, ws, bias, out_dtype, cfg)
 
 
@@ -174,12 +201,15 @@ def gemv16(x: Tensor, weight: Tensor, bias: Tensor | None = None, config: dict |
     return _gemv(x, None, weight, None, bias, x.dtype, cfg)
 
 
-def _gemv(xq, xs, weight, ws, bias, out_dtype, cfg) -> Tensor:
-    """Launch the GEMV (`xs`, `ws` None: unscaled)."""
+def _gemv(xq, xs, weight, ws, bias, out_dtype, cfg, qmax: float | None = None) -> Tensor:
+    """Launch the GEMV (`xs`, `ws` None: unscaled). `qmax` given: xq is 16-bit and xs its rows'
+    partial absmaxes (M, P), quantized in the kernel (a DeferredQuant's)."""
     M, K = xq.shape
     N = weight.shape[0]
+    defer = qmax is not None
     assert 0 < M <= MAX_M, f"M={M}: the GEMV is the small-M path (M ≤ {MAX_M})"
-    assert weight.dtype == xq.dtype and weight.stride(-1) == 1 and xq.stride(-1) == 1
+    assert (weight.dtype == xq.dtype) != defer, (weight.dtype, xq.dtype)
+    assert weight.stride(-1) == 1 and xq.stride(-1) == 1 and (not defer or xs.stride(1) == 1)
     assert weight.shape[1] == K, (weight.shape, xq.shape)
     bn, bk, per_split, warps, stages, early = cfg
     split = triton.cdiv(triton.cdiv(K, bk), per_split)
@@ -192,11 +222,12 @@ def _gemv(xq, xs, weight, ws, bias, out_dtype, cfg) -> Tensor:
         xq, weight, xs if scaled else dummy, ws if scaled else dummy,
         bias if bias is not None else dummy, o.part, o.out, o.counters, M, N, K,
         xq.stride(0), weight.stride(0), xs.stride(0) if scaled else 0, o.part.stride(0),
-        o.part.stride(1), o.out.stride(0), IS_INT=xq.dtype == torch.int8, SCALED=scaled,
+        o.part.stride(1), o.out.stride(0), IS_INT=weight.dtype == torch.int8, SCALED=scaled,
         HAS_BIAS=bias is not None and split == 1,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, PER_SPLIT=per_split,
         EVEN=even, STAGES=stages, SPLIT=split, FUSED=o.fused,
-        FINISH_BIAS=bias is not None, WARPS=warps, EARLY=early,
+        FINISH_BIAS=bias is not None, WARPS=warps, EARLY=early, DEFER=defer,
+        N_AMAX=xs.shape[1] if defer else 1, QMAX=float(qmax or 0.0),
         **pdl(xq.device), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return o.result(bias)
