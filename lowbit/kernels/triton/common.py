@@ -214,10 +214,11 @@ def and_or_f32(w, MASK: tl.constexpr, MAGIC: tl.constexpr):
 
 @triton.jit
 def pdl_enter(PDL: tl.constexpr):
-    """The first statement of every kernel launched with `pdl(...)` (nothing before it may read
-    or write memory): wait until the previous kernel in the stream has finished and its writes
-    are visible, then let the next kernel launch (it will wait here in turn), so at most two
-    kernels overlap. A no-op when PDL is off."""
+    """The first statement of every kernel launched with `pdl(...)` (before it a kernel may
+    only read what no kernel writes, such as weights, and write nothing): wait until the
+    previous kernel in the stream has finished and its writes are visible, then let the next
+    kernel launch (it will wait here in turn), so at most two kernels overlap. A no-op when
+    PDL is off."""
     if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()
