@@ -26,7 +26,8 @@ rows on the small-M kernel (dispatch.WNA16_MMA_TILED off), `+early8` loads the f
 tile of the W8A8 / 16-bit GEMVs before the PDL wait (w8a8_gemv.EARLY on), `+nodefer`
 quantizes a one-row SwiGLU in its own one-program pass instead of in the W8A8 GEMV
 (silu_mul.DEFER_MAX_M = 0), `+latenorm` loads RMSNorm's weight after the PDL wait
-(rms_norm.EARLY off); scheme `bf16`
+(rms_norm.EARLY off), `+twolaunchrope` rotates and stores the new k/v in a launch of its
+own before decode attention (attention.ROPE_IN_DECODE off); scheme `bf16`
 (unquantized) or one of benchlib.BENCH_SCHEMES, lowbit's own quantized plans over dummy weights
 (benchlib.bench_plan).
 RMSNorm, rotary and SwiGLU run the fused Triton kernels in every variant (the layers call them
@@ -89,6 +90,7 @@ def lowbit_decode_flags(variant: str):
         w8a8_gemv,
         wna16_mma,
     )
+    from lowbit.layers import attention
 
     overrides = {
         "nopdl": (common, "PDL_ENABLED", False),
@@ -108,6 +110,7 @@ def lowbit_decode_flags(variant: str):
         "early8": (w8a8_gemv, "EARLY", True),
         "nodefer": (silu_mul, "DEFER_MAX_M", 0),
         "latenorm": (rms_norm, "EARLY", False),
+        "twolaunchrope": (attention, "ROPE_IN_DECODE", False),
     }
     scheme, *flags = variant.split("+")
     if set(flags) - {"eager", "nooverlap", *overrides}:

@@ -16,6 +16,10 @@ from torch import Tensor, nn
 
 from lowbit.kernels import dispatch
 
+# Decode attention rotates q and k and stores the new k/v itself (`rotary_decode_attention`, one
+# launch a layer fewer); off: `rotary_kv_store`, then the attention (bench_decode `+twolaunchrope`)
+ROPE_IN_DECODE = True
+
 
 @dataclass
 class AttentionMetadata:
@@ -117,9 +121,16 @@ class Attention(nn.Module):
         return out[meta.token_index]
 
     def _forward_kernels(self, q, k, v, rotary, positions, meta, cache) -> Tensor:
-        """Triton path: rotate q and k and store k/v in one launch, then decode (one token
-        each) or prefill attention."""
+        """Triton path: decode (one token each) rotates q and k, stores k/v and attends in one
+        launch (ROPE_IN_DECODE); otherwise rotate and store in one, then attend in another."""
         T, H, D = q.shape
+        if meta.max_q == 1 and ROPE_IN_DECODE:
+            out = dispatch.rotary_decode_attention(
+                positions, q, k, v, rotary.cos, rotary.sin, cache.k, cache.v, meta.slot_mapping,
+                meta.block_tables, meta.seq_lens, meta.block_size, self.scale, cache.k_scale,
+                cache.v_scale,
+            )  # fmt: skip
+            return out.view(T, H * D)
         q = dispatch.rotary_kv_store(positions, q, k, v, rotary.cos, rotary.sin, cache.k, cache.v,
                                      meta.slot_mapping, cache.k_scale, cache.v_scale)  # fmt: skip
         if meta.max_q == 1:

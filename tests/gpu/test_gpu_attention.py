@@ -125,3 +125,49 @@ def test_rotary_kv_store(dev, cache_dtype):
     for fused, want, before in ((kc, ref.k, k0), (vc, ref.v, v0)):
         assert rel_err(fused[[5, 77]].float(), want[[5, 77]].float()) < bound
         assert torch.equal(fused[keep].view(torch.uint8), before[keep].view(torch.uint8))
+
+
+@pytest.mark.parametrize("cache_dtype", [ACT_DTYPE, torch.float8_e4m3fn])
+@pytest.mark.parametrize("splits,fused", [(None, True), (1, True), (8, True), (8, False)])
+@pytest.mark.parametrize("short", [64, 256])
+@pytest.mark.parametrize("heads", [(8, 2, 128), (3, 3, 96)], ids=["group4-d128", "group1-d96"])
+def test_rotary_decode_attention(dev, monkeypatch, cache_dtype, splits, fused, short, heads):
+    """The one-launch decode step == `rotary_kv_store` then `paged_decode_attention`, bit for
+    bit: the output and both whole caches. Lengths 1…300 (one split or several, merged in the
+    kernel or by the merge kernel) and a CUDA-graph padding row (length 0, slot -1: no store,
+    zeros); q, k, v are strided views of one qkv row, as the model passes them."""
+    from lowbit.kernels.triton import common
+    from lowbit.kernels.triton import paged_decode_attention as mod
+    from lowbit.layers.rotary import RotaryEmbedding
+
+    monkeypatch.setattr(common, "FUSED_SPLITK", fused)
+    monkeypatch.setattr(mod, "SHORT_CONTEXT", short)
+    nh, nkv, hd = heads
+    gen = torch.Generator().manual_seed(5)
+    seq_lens = [1, 17, 128, 129, 300, 0]
+    B, num_blocks = len(seq_lens), 64
+    kc = torch.randn(num_blocks * BS, nkv, hd, generator=gen).to(dev, cache_dtype)
+    vc = torch.randn(num_blocks * BS, nkv, hd, generator=gen).to(dev, cache_dtype)
+    tables = _tables(seq_lens, num_blocks, gen)
+    rope = RotaryEmbedding(hd, 512, 10000.0, None).to(dev)
+    qkv = torch.randn(B, (nh + 2 * nkv) * hd, generator=gen).to(dev, ACT_DTYPE)
+    q, k, v = (t.view(B, -1, hd) for t in qkv.split([nh * hd, nkv * hd, nkv * hd], dim=-1))
+    pos = [L - 1 for L in seq_lens[:-1]] + [0]
+    slots = [int(tables[b, p // BS]) * BS + p % BS for b, p in enumerate(pos[:-1])] + [-1]
+    pos, slots = (torch.tensor(x, device=dev) for x in (pos, slots))
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device=dev)
+    ks, vs = (0.5, 2.0) if cache_dtype.itemsize == 1 else (1.0, 1.0)
+    args = (tables.to(dev), lens, BS, hd**-0.5, ks, vs, splits)
+
+    ref_k, ref_v = kc.clone(), vc.clone()
+    rq = dispatch.rotary_kv_store(pos, q, k, v, rope.cos, rope.sin, ref_k, ref_v, slots, ks, vs)
+    want = dispatch.paged_decode_attention(rq, ref_k, ref_v, *args)
+    got = dispatch.rotary_decode_attention(pos, q, k, v, rope.cos, rope.sin, kc, vc, slots,
+                                           *args)  # fmt: skip
+
+    assert got.shape == (B, nh, hd) and got.dtype == ACT_DTYPE
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert torch.all(got[-1] == 0)
+    for fused_cache, two_launch in ((kc, ref_k), (vc, ref_v)):
+        assert torch.equal(fused_cache.view(torch.uint8), two_launch.view(torch.uint8))
+    assert all(int(c.abs().sum()) == 0 for c in common._COUNTERS.get(str(dev), []))
