@@ -25,8 +25,7 @@ the split Triton one (dispatch.SPLIT_ARGMAX off), `+notiled` keeps wide int4 wei
 rows on the small-M kernel (dispatch.WNA16_MMA_TILED off), `+early8` loads the first weight
 tile of the W8A8 / 16-bit GEMVs before the PDL wait (w8a8_gemv.EARLY on), `+nodefer`
 quantizes a one-row SwiGLU in its own one-program pass instead of in the W8A8 GEMV
-(silu_mul.DEFER_MAX_M = 0), `+latenorm` loads RMSNorm's weight after the PDL wait
-(rms_norm.EARLY off), `+twolaunchrope` rotates and stores the new k/v in a launch of its
+(silu_mul.DEFER_MAX_M = 0), `+twolaunchrope` rotates and stores the new k/v in a launch of its
 own before decode attention (attention.ROPE_IN_DECODE off); scheme `bf16`
 (unquantized) or one of benchlib.BENCH_SCHEMES, lowbit's own quantized plans over dummy weights
 (benchlib.bench_plan).
@@ -85,7 +84,6 @@ def lowbit_decode_flags(variant: str):
     from lowbit.kernels.triton import (
         common,
         paged_decode_attention,
-        rms_norm,
         silu_mul,
         w8a8_gemv,
         wna16_mma,
@@ -109,7 +107,6 @@ def lowbit_decode_flags(variant: str):
         "notiled": (dispatch, "WNA16_MMA_TILED", False),
         "early8": (w8a8_gemv, "EARLY", True),
         "nodefer": (silu_mul, "DEFER_MAX_M", 0),
-        "latenorm": (rms_norm, "EARLY", False),
         "twolaunchrope": (attention, "ROPE_IN_DECODE", False),
     }
     scheme, *flags = variant.split("+")

@@ -69,8 +69,8 @@ def _w8a8_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
     SPLIT: tl.constexpr, FUSED: tl.constexpr, FINISH_BIAS: tl.constexpr, WARPS: tl.constexpr,
-    EARLY: tl.constexpr, DEFER: tl.constexpr, N_AMAX: tl.constexpr, QMAX: tl.constexpr,
-    PDL: tl.constexpr,
+    EARLY: tl.constexpr, DEFER: tl.constexpr, N_AMAX: tl.constexpr, BLOCK_AMAX: tl.constexpr,
+    QMAX: tl.constexpr, EPS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """DEFER: x is in the compute dtype and xs holds N_AMAX partial absmaxes a row
     (`dispatch.DeferredQuant`); x is quantized here as `act_quant` would, scale max / QMAX."""
@@ -87,7 +87,7 @@ def _w8a8_gemv_kernel(
     pdl_enter(PDL)
     x_scale = tl.full([BLOCK_M], 1.0, tl.float32)
     if DEFER:  # the row's scale from its partial absmaxes (rows ≥ M: EPS, x there is 0)
-        p = tl.arange(0, triton.next_power_of_2(N_AMAX))
+        p = tl.arange(0, BLOCK_AMAX)
         amax = tl.load(xs_ptr + rm[:, None] * stride_xsm + p[None, :],
                        mask=m_mask[:, None] & (p < N_AMAX)[None, :], other=0.0)  # fmt: skip
         x_scale = tl.maximum(tl.max(amax, axis=1), EPS) / QMAX
@@ -227,7 +227,9 @@ def _gemv(xq, xs, weight, ws, bias, out_dtype, cfg, qmax: float | None = None) -
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, PER_SPLIT=per_split,
         EVEN=even, STAGES=stages, SPLIT=split, FUSED=o.fused,
         FINISH_BIAS=bias is not None, WARPS=warps, EARLY=early, DEFER=defer,
-        N_AMAX=xs.shape[1] if defer else 1, QMAX=float(qmax or 0.0),
+        N_AMAX=xs.shape[1] if defer else 1,
+        BLOCK_AMAX=triton.next_power_of_2(xs.shape[1]) if defer else 1, QMAX=float(qmax or 0.0),
+        EPS=EPS,
         **pdl(xq.device), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return o.result(bias)
