@@ -26,7 +26,7 @@ from lowbit.kernels.triton.common import (
     reset_arrivals,
     splitk_counters,
 )
-from lowbit.kernels.triton.rotary import _check, _rotate, _store_half
+from lowbit.kernels.triton.rotary import _check
 
 BLOCK_N = 64  # context tokens per inner step
 NUM_STAGES = 2  # loads in flight across steps (Triton's pipeliner)
@@ -76,16 +76,23 @@ def _paged_decode_attention_kernel(
     hkv = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
+    if ROPE:  # loaded with seq_len: nothing of the new token waits for the context length
+        pos = tl.load(pos_ptr + b).to(tl.int64)
+        slot = tl.load(slot_ptr + b).to(tl.int64)
     per_split, active = _active_splits(seq_len, NUM_SPLITS, BLOCK_N, SHORT)
     if split < active:  # the splits past the context have nothing to do, not even arrive
-        q = _group_query(q_ptr, pos_ptr, cos_ptr, sin_ptr, b, hkv, stride_qb, stride_qh,
-                         stride_c, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_D, ROPE)  # fmt: skip
-        if ROPE:
-            if split == active - 1:  # the split that holds the new token (seq_len - 1)
-                _store_new_kv(kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr,
-                              b, hkv, stride_knb, stride_knh, stride_vnb, stride_vnh,
-                              stride_ks, stride_kh, stride_c, inv_k_scale, inv_v_scale,
-                              HEAD_DIM, BLOCK_D // 2, IS_FP8, FP8_MAX)  # fmt: skip
+        if ROPE:  # the split that holds the new token (seq_len - 1) stores it
+            q = _rope_and_store(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos, slot,
+                                (split == active - 1) & (slot >= 0), b, hkv, stride_qb,
+                                stride_qh, stride_knb, stride_knh, stride_vnb, stride_vnh,
+                                stride_ks, stride_kh, stride_c, inv_k_scale, inv_v_scale, GROUP,
+                                GROUP_PAD, HEAD_DIM, BLOCK_D, IS_FP8, FP8_MAX)  # fmt: skip
+        else:
+            g = tl.arange(0, GROUP_PAD)
+            d = tl.arange(0, BLOCK_D)
+            q = tl.load(q_ptr + b * stride_qb + (hkv * GROUP + g)[:, None] * stride_qh
+                        + d[None, :], mask=(g < GROUP)[:, None] & (d < HEAD_DIM)[None, :],
+                        other=0.0)  # fmt: skip
         _attend(q, k_ptr, v_ptr, table_ptr, out_ptr, part_ptr, ml_ptr, cnt_ptr, scale, k_scale,
                 v_scale, stride_ks, stride_kh, stride_tb, stride_ob, stride_oh, b, hkv, split,
                 seq_len, per_split, active, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_D, BLOCK_SIZE,
@@ -93,52 +100,49 @@ def _paged_decode_attention_kernel(
 
 
 @triton.jit
-def _group_query(q_ptr, pos_ptr, cos_ptr, sin_ptr, b, hkv, stride_qb, stride_qh, stride_c,
-                 GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                 BLOCK_D: tl.constexpr, ROPE: tl.constexpr):  # fmt: skip
-    """The (GROUP_PAD, BLOCK_D) tile of sequence b's query heads of KV head hkv, zero past the
-    group and the head; ROPE: rotated at positions[b] with `_rotate`'s arithmetic, lane d from
-    the pair (d mod D/2, D/2 + d mod D/2): the pair's first result below D/2, its second above."""
+def _rope_and_store(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos, slot, store, b,
+                    hkv, stride_qb, stride_qh, stride_knb, stride_knh, stride_vnb, stride_vnh,
+                    stride_ks, stride_kh, stride_c, inv_k_scale, inv_v_scale,
+                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
+                    BLOCK_D: tl.constexpr, IS_FP8: tl.constexpr,
+                    FP8_MAX: tl.constexpr):  # fmt: skip
+    """The (GROUP_PAD, BLOCK_D) tile of sequence b's query heads of KV head hkv rotated at pos,
+    zero past the group and the head; where `store`, the new token's k (rotated) and v written
+    at `slot` as `_rotary_kernel` writes them (fp8 as x / scale saturated), then a CTA barrier
+    makes them visible to this program's threads, whose attention loop reads the token back
+    from the cache like any other. `_rotate`'s arithmetic, lane d from the pair (d mod D/2,
+    D/2 + d mod D/2): the pair's first result below D/2, its second above. Every load goes out
+    before any result is needed (q, k and v with cos / sin), and the stores are masked rather
+    than branched, so the new token costs one round trip before the loop's first."""
+    HALF: tl.constexpr = HEAD_DIM // 2
     g = tl.arange(0, GROUP_PAD)
     d = tl.arange(0, BLOCK_D)
-    mask = (g < GROUP)[:, None] & (d < HEAD_DIM)[None, :]
+    dh = (d % HALF)[None, :]
+    d_mask = (d < HEAD_DIM)[None, :]
     # The group's query heads are the rows of a (GROUP_PAD ≥ 16, D) tile, so both products
     # run on the tensor cores; padding rows are zero and never stored.
     rows = q_ptr + b * stride_qb + (hkv * GROUP + g)[:, None] * stride_qh  # (G, 1)
-    if ROPE:
-        HALF: tl.constexpr = HEAD_DIM // 2
-        y1, y2 = _rotate(rows, pos_ptr, cos_ptr, sin_ptr, b, stride_c, (d % HALF)[None, :],
-                         mask, HALF)  # fmt: skip
-        q = tl.where(d[None, :] < HALF, y1, y2)
-    else:
-        q = tl.load(rows + d[None, :], mask=mask, other=0.0)
+    q_mask = (g < GROUP)[:, None] & d_mask
+    k_row = kn_ptr + b * stride_knb + hkv * stride_knh
+    q1 = tl.load(rows + dh, mask=q_mask, other=0.0)
+    q2 = tl.load(rows + HALF + dh, mask=q_mask, other=0.0)
+    k1 = tl.load(k_row + dh, mask=d_mask, other=0.0)  # (1, D)
+    k2 = tl.load(k_row + HALF + dh, mask=d_mask, other=0.0)
+    v = tl.load(vn_ptr + b * stride_vnb + hkv * stride_vnh + d[None, :], mask=d_mask, other=0.0)
+    c = tl.load(cos_ptr + pos * stride_c + dh, mask=d_mask, other=0.0).to(q1.dtype)
+    s = tl.load(sin_ptr + pos * stride_c + dh, mask=d_mask, other=0.0).to(q1.dtype)
+    lo = d[None, :] < HALF
+    q = tl.where(lo, q1 * c - q2 * s, q2 * c + q1 * s)
+    k = tl.where(lo, k1 * c - k2 * s, k2 * c + k1 * s)
+    dst = slot * stride_ks + hkv * stride_kh + d[None, :]
+    st_mask = d_mask & store
+    if IS_FP8:
+        k = tl.clamp(k.to(tl.float32) * inv_k_scale, -FP8_MAX, FP8_MAX)
+        v = tl.clamp(v.to(tl.float32) * inv_v_scale, -FP8_MAX, FP8_MAX)
+    tl.store(k_ptr + dst, k.to(k_ptr.dtype.element_ty), mask=st_mask)
+    tl.store(v_ptr + dst, v.to(v_ptr.dtype.element_ty), mask=st_mask)
+    tl.debug_barrier()
     return q  # (G, D)
-
-
-@triton.jit
-def _store_new_kv(kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, slot_ptr, b, hkv,
-                  stride_knb, stride_knh, stride_vnb, stride_vnh, stride_ks, stride_kh,
-                  stride_c, inv_k_scale, inv_v_scale, HEAD_DIM: tl.constexpr,
-                  BLOCK: tl.constexpr, IS_FP8: tl.constexpr,
-                  FP8_MAX: tl.constexpr):  # fmt: skip
-    """KV head hkv of sequence b's new token stored as `_rotary_kernel` stores it: k rotated
-    at positions[b] and v at slots[b] (< 0, CUDA-graph padding: nothing), fp8 as x / scale
-    saturated. A CTA barrier then makes the stores visible to this program's own threads, so
-    its attention loop reads the token back from the cache."""
-    slot = tl.load(slot_ptr + b).to(tl.int64)
-    if slot >= 0:
-        HALF: tl.constexpr = HEAD_DIM // 2
-        i = tl.arange(0, BLOCK)
-        mask = i < HALF
-        y1, y2 = _rotate(kn_ptr + b * stride_knb + hkv * stride_knh, pos_ptr, cos_ptr, sin_ptr,
-                         b, stride_c, i, mask, HALF)  # fmt: skip
-        dst = slot * stride_ks + hkv * stride_kh
-        _store_half(k_ptr + dst, y1, y2, i, mask, inv_k_scale, IS_FP8, FP8_MAX, HALF)
-        vsrc = vn_ptr + b * stride_vnb + hkv * stride_vnh
-        v1 = tl.load(vsrc + i, mask=mask)
-        v2 = tl.load(vsrc + HALF + i, mask=mask)
-        _store_half(v_ptr + dst, v1, v2, i, mask, inv_v_scale, IS_FP8, FP8_MAX, HALF)
-        tl.debug_barrier()
 
 
 @triton.jit
