@@ -25,8 +25,8 @@ the split Triton one (dispatch.SPLIT_ARGMAX off), `+notiled` keeps wide int4 wei
 rows on the small-M kernel (dispatch.WNA16_MMA_TILED off), `+early8` loads the first weight
 tile of the W8A8 / 16-bit GEMVs before the PDL wait (w8a8_gemv.EARLY on), `+nodefer`
 quantizes a one-row SwiGLU in its own one-program pass instead of in the W8A8 GEMV
-(silu_mul.DEFER_MAX_M = 0), `+twolaunchrope` rotates and stores the new k/v in a launch of its
-own before decode attention (attention.ROPE_IN_DECODE off); scheme `bf16`
+(silu_mul.DEFER_MAX_M = 0), `+roped` has decode attention rotate and store the new k/v itself
+instead of a launch of their own before it (attention.ROPE_IN_DECODE on); scheme `bf16`
 (unquantized) or one of benchlib.BENCH_SCHEMES, lowbit's own quantized plans over dummy weights
 (benchlib.bench_plan).
 RMSNorm, rotary and SwiGLU run the fused Triton kernels in every variant (the layers call them
@@ -107,7 +107,7 @@ def lowbit_decode_flags(variant: str):
         "notiled": (dispatch, "WNA16_MMA_TILED", False),
         "early8": (w8a8_gemv, "EARLY", True),
         "nodefer": (silu_mul, "DEFER_MAX_M", 0),
-        "twolaunchrope": (attention, "ROPE_IN_DECODE", False),
+        "roped": (attention, "ROPE_IN_DECODE", True),
     }
     scheme, *flags = variant.split("+")
     if set(flags) - {"eager", "nooverlap", *overrides}:

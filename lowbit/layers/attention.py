@@ -16,9 +16,11 @@ from torch import Tensor, nn
 
 from lowbit.kernels import dispatch
 
-# Decode attention rotates q and k and stores the new k/v itself (`rotary_decode_attention`, one
-# launch a layer fewer); off: `rotary_kv_store`, then the attention (bench_decode `+twolaunchrope`)
-ROPE_IN_DECODE = True
+# Decode attention that rotates q and k and stores the new k/v itself (`rotary_decode_attention`,
+# one launch a layer fewer) instead of `rotary_kv_store` and then the attention: off, since it
+# measured slower on the H100 (benchmarks/RESULTS.md run 13, tok/s at batch 1 / 64, one launch vs
+# two: w4a16 381 / 7,726 vs 398 / 7,776, fp8 258 / 11,819 vs 266 / 11,669); bench_decode `+roped`
+ROPE_IN_DECODE = False
 
 
 @dataclass
