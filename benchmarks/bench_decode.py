@@ -25,7 +25,8 @@ the split Triton one (dispatch.SPLIT_ARGMAX off), `+notiled` keeps wide int4 wei
 rows on the small-M kernel (dispatch.WNA16_MMA_TILED off), `+early8` loads the first weight
 tile of the W8A8 / 16-bit GEMVs before the PDL wait (w8a8_gemv.EARLY on), `+nodefer`
 quantizes a one-row SwiGLU in its own one-program pass instead of in the W8A8 GEMV
-(silu_mul.DEFER_MAX_M = 0), `+roped` has decode attention rotate and store the new k/v itself
+(silu_mul.DEFER_MAX_M = 0), `+deferbn16` gives that GEMV 16-row programs
+(w8a8_gemm.DEFER_BN), `+roped` has decode attention rotate and store the new k/v itself
 instead of a launch of their own before it (attention.ROPE_IN_DECODE on); scheme `bf16`
 (unquantized) or one of benchlib.BENCH_SCHEMES, lowbit's own quantized plans over dummy weights
 (benchlib.bench_plan).
@@ -85,6 +86,7 @@ def lowbit_decode_flags(variant: str):
         common,
         paged_decode_attention,
         silu_mul,
+        w8a8_gemm,
         w8a8_gemv,
         wna16_mma,
     )
@@ -108,6 +110,7 @@ def lowbit_decode_flags(variant: str):
         "early8": (w8a8_gemv, "EARLY", True),
         "nodefer": (silu_mul, "DEFER_MAX_M", 0),
         "roped": (attention, "ROPE_IN_DECODE", True),
+        "deferbn16": (w8a8_gemm, "DEFER_BN", 16),
     }
     scheme, *flags = variant.split("+")
     if set(flags) - {"eager", "nooverlap", *overrides}:

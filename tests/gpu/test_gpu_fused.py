@@ -145,10 +145,15 @@ def test_silu_mul_defers_quantization_at_one_row(dev, T, quant):
 
 @pytest.mark.parametrize("quant", QUANTS)
 @pytest.mark.parametrize("K", [1536, 1000])  # even tiles; a K past the last tile (masked)
-def test_w8a8_gemv_quantizes_deferred_input(dev, quant, K):
+@pytest.mark.parametrize("bn", [8, 16])
+def test_w8a8_gemv_quantizes_deferred_input(dev, monkeypatch, quant, K, bn):
     """The GEMV given SwiGLU's deferred output (16-bit values, partial absmaxes) gives the bits
     it gives for the codes act_quant writes: the same codes, quantized as it loads them."""
+    from lowbit.kernels.triton import w8a8_gemm
+    from lowbit.kernels.triton.w8a8_gemv import w8a8_gemv
+
     _needs_fusion(dev, quant)
+    monkeypatch.setattr(w8a8_gemm, "DEFER_BN", bn)
     wdtype, qmax = quant
     gen = torch.Generator().manual_seed(K)
     N = 264
@@ -161,10 +166,11 @@ def test_w8a8_gemv_quantizes_deferred_input(dev, quant, K):
     deferred = dispatch.silu_mul(gate_up, quant)
     assert isinstance(deferred, dispatch.DeferredQuant)
     q, s = dispatch.act_quant(dispatch.silu_mul(gate_up), wdtype, None, qmax)
-    codes = dispatch.QuantizedActivation(q, s, ACT_DTYPE)
     gemm = dispatch.int8_gemm if wdtype == torch.int8 else dispatch.fp8_scaled_mm
+    config = {**w8a8_gemm.GEMV_CONFIG, "bn": bn}
     for b in (None, bias):
-        got, want = gemm(deferred, wq, ws.to(dev), bias=b), gemm(codes, wq, ws.to(dev), bias=b)
+        got = gemm(deferred, wq, ws.to(dev), bias=b)
+        want = w8a8_gemv(q, s, wq, ws.to(dev), b, ACT_DTYPE, config)
         assert got.dtype == ACT_DTYPE and torch.equal(got, want)
         ref = (q.float() @ wq.float().t()) * s * ws.to(dev) + (0 if b is None else b.float())
         assert rel_err(got, ref) < 1e-2
