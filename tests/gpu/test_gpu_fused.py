@@ -126,15 +126,20 @@ def test_w8a8_gemm_takes_quantized_activation(dev, wdtype, T):
 
 @pytest.mark.parametrize("T", [1, 17])
 @pytest.mark.parametrize("quant", QUANTS)
-def test_silu_mul_defers_quantization_at_one_row(dev, T, quant):
+def test_silu_mul_defers_quantization_at_one_row(dev, monkeypatch, T, quant):
     """At one row a quantized SwiGLU returns its values and per-program absmaxes (the GEMV
     quantizes), at more rows the codes; either way `q` / `scale` are act_quant's."""
+    from lowbit.kernels.triton import silu_mul
+
     _needs_fusion(dev, quant)
+    monkeypatch.setattr(silu_mul, "DEFER_DTYPES", (torch.int8, torch.float8_e4m3fn))
     x = torch.randn(T, 2 * 3000, device=dev, dtype=ACT_DTYPE)
     qa = dispatch.silu_mul(x, quant)
     h = dispatch.silu_mul(x)
     deferred = isinstance(qa, dispatch.DeferredQuant)
     assert deferred == (T == 1)
+    monkeypatch.setattr(silu_mul, "DEFER_DTYPES", ())
+    assert not isinstance(dispatch.silu_mul(x, quant), dispatch.DeferredQuant)
     if deferred:
         assert torch.equal(qa.x, h) and qa.amax.shape == (1, 3)  # 3 programs of 1024
         assert torch.equal(qa.amax.amax(1), h.float().abs().amax(1))
@@ -149,11 +154,12 @@ def test_silu_mul_defers_quantization_at_one_row(dev, T, quant):
 def test_w8a8_gemv_quantizes_deferred_input(dev, monkeypatch, quant, K, bn):
     """The GEMV given SwiGLU's deferred output (16-bit values, partial absmaxes) gives the bits
     it gives for the codes act_quant writes: the same codes, quantized as it loads them."""
-    from lowbit.kernels.triton import w8a8_gemm
+    from lowbit.kernels.triton import silu_mul, w8a8_gemm
     from lowbit.kernels.triton.w8a8_gemv import w8a8_gemv
 
     _needs_fusion(dev, quant)
     monkeypatch.setattr(w8a8_gemm, "DEFER_BN", bn)
+    monkeypatch.setattr(silu_mul, "DEFER_DTYPES", (torch.int8, torch.float8_e4m3fn))
     wdtype, qmax = quant
     gen = torch.Generator().manual_seed(K)
     N = 264

@@ -20,8 +20,11 @@ from lowbit.kernels.triton.common import pdl, pdl_enter
 
 BLOCK = 1024
 # Rows up to which a quantized SwiGLU leaves the quantization to its W8A8 GEMV consumer (the
-# GEMV's rows: `w8a8_gemm._gemv_path`)
+# GEMV's rows: `w8a8_gemm._gemv_path`), for these code dtypes. H100, batch-1 decode, tok/s
+# deferred vs not, two runs each (benchmarks/RESULTS.md run 13): int8 277 / 278 vs 272 / 273;
+# fp8 265 / 266 vs 270 / 270 (the GEMV's x to e4m3 and back costs more than the launch saves)
 DEFER_MAX_M = 1
+DEFER_DTYPES = (torch.int8,)
 
 
 @triton.jit
@@ -73,7 +76,8 @@ def silu_mul(x: Tensor, quant=None):
 
     quant  None, or (dtype, qmax): the result quantized per token (int8 / float8_e4m3fn,
            scale = absmax / qmax), returned as a dispatch.QuantizedActivation (up to
-           DEFER_MAX_M rows a dispatch.DeferredQuant: values and partial absmaxes)
+           DEFER_MAX_M rows of a DEFER_DTYPES dtype a dispatch.DeferredQuant: values and
+           partial absmaxes)
     """
     two_i = x.shape[-1]
     assert two_i % 2 == 0, x.shape
@@ -81,7 +85,7 @@ def silu_mul(x: Tensor, quant=None):
     x2 = x.reshape(-1, two_i)
     assert x2.stride(-1) == 1, x.stride()
     M = x2.shape[0]
-    if quant is not None and 0 < M <= DEFER_MAX_M:
+    if quant is not None and 0 < M <= DEFER_MAX_M and quant[0] in DEFER_DTYPES:
         qdtype, qmax = quant
         out = torch.empty(M, I, dtype=x.dtype, device=x.device)
         amax = torch.empty(M, triton.cdiv(I, BLOCK), dtype=torch.float32, device=x.device)
