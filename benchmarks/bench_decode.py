@@ -26,9 +26,7 @@ rows on the small-M kernel (dispatch.WNA16_MMA_TILED off), `+early8` loads the f
 tile of the W8A8 / 16-bit GEMVs before the PDL wait (w8a8_gemv.EARLY on), `+nodefer`
 quantizes a one-row SwiGLU in its own one-program pass instead of in the W8A8 GEMV
 (silu_mul.DEFER_MAX_M = 0), `+deferbn16` gives that GEMV 16-row programs
-(w8a8_gemm.DEFER_BN), `+deferfp8` defers fp8 too (silu_mul.DEFER_DTYPES), `+roped` has
-decode attention rotate and store the new k/v itself instead of a launch of their own before it
-(attention.ROPE_IN_DECODE on); scheme `bf16`
+(w8a8_gemm.DEFER_BN), `+deferfp8` defers fp8 too (silu_mul.DEFER_DTYPES); scheme `bf16`
 (unquantized) or one of benchlib.BENCH_SCHEMES, lowbit's own quantized plans over dummy weights
 (benchlib.bench_plan).
 RMSNorm, rotary and SwiGLU run the fused Triton kernels in every variant (the layers call them
@@ -91,7 +89,6 @@ def lowbit_decode_flags(variant: str):
         w8a8_gemv,
         wna16_mma,
     )
-    from lowbit.layers import attention
 
     overrides = {
         "nopdl": (common, "PDL_ENABLED", False),
@@ -110,7 +107,6 @@ def lowbit_decode_flags(variant: str):
         "notiled": (dispatch, "WNA16_MMA_TILED", False),
         "early8": (w8a8_gemv, "EARLY", True),
         "nodefer": (silu_mul, "DEFER_MAX_M", 0),
-        "roped": (attention, "ROPE_IN_DECODE", True),
         "deferbn16": (w8a8_gemm, "DEFER_BN", 16),
         "deferfp8": (silu_mul, "DEFER_DTYPES", (torch.int8, torch.float8_e4m3fn)),
     }

@@ -484,18 +484,6 @@ def paged_decode_attention(
     )  # fmt: skip
 
 
-def rotary_decode_attention(
-    positions, q, k, v, cos, sin, k_cache, v_cache, slots, block_tables, seq_lens, block_size,
-    scale, k_scale=1.0, v_scale=1.0, num_splits=None,
-) -> Tensor:  # fmt: skip
-    """`rotary_kv_store` then `paged_decode_attention` (one new token per sequence) in one
-    launch, with the same results."""
-    return _triton("paged_decode_attention", "rotary_decode_attention")(
-        positions, q, k, v, cos, sin, k_cache, v_cache, slots, block_tables, seq_lens,
-        block_size, scale, k_scale, v_scale, num_splits,
-    )  # fmt: skip
-
-
 def paged_prefill_attention(
     q, k_cache, v_cache, block_tables, seq_lens, query_start, max_query_len, block_size, scale,
     k_scale=1.0, v_scale=1.0,

@@ -16,12 +16,6 @@ from torch import Tensor, nn
 
 from lowbit.kernels import dispatch
 
-# Decode attention that rotates q and k and stores the new k/v itself (`rotary_decode_attention`,
-# one launch a layer fewer) instead of `rotary_kv_store` and then the attention: off, since it
-# measured slower on the H100 (benchmarks/RESULTS.md run 13, tok/s at batch 1 / 64, one launch vs
-# two: w4a16 381 / 7,726 vs 398 / 7,776, fp8 258 / 11,819 vs 266 / 11,669); bench_decode `+roped`
-ROPE_IN_DECODE = False
-
 
 @dataclass
 class AttentionMetadata:
@@ -123,16 +117,9 @@ class Attention(nn.Module):
         return out[meta.token_index]
 
     def _forward_kernels(self, q, k, v, rotary, positions, meta, cache) -> Tensor:
-        """Triton path: decode (one token each) rotates q and k, stores k/v and attends in one
-        launch (ROPE_IN_DECODE); otherwise rotate and store in one, then attend in another."""
+        """Triton path: rotate q and k and store k/v in one launch, then decode (one token
+        each) or prefill attention."""
         T, H, D = q.shape
-        if meta.max_q == 1 and ROPE_IN_DECODE:
-            out = dispatch.rotary_decode_attention(
-                positions, q, k, v, rotary.cos, rotary.sin, cache.k, cache.v, meta.slot_mapping,
-                meta.block_tables, meta.seq_lens, meta.block_size, self.scale, cache.k_scale,
-                cache.v_scale,
-            )  # fmt: skip
-            return out.view(T, H * D)
         q = dispatch.rotary_kv_store(positions, q, k, v, rotary.cos, rotary.sin, cache.k, cache.v,
                                      meta.slot_mapping, cache.k_scale, cache.v_scale)  # fmt: skip
         if meta.max_q == 1:

@@ -5,11 +5,6 @@ query heads of that KV head's group, so batch 1 with 8 KV heads still fills the 
 split of a (sequence, KV head) to finish merges the splits' partial softmaxes (the arrival
 counters of `common.splitk_counters`; a second kernel when they are off or unavailable). fp8
 caches are read and multiplied by their scale.
-
-`rotary_decode_attention` is `rotary_kv_store` and this kernel in one launch (one launch fewer a
-layer a decode step): every program rotates its group's query heads in registers, and the
-program of the split that holds the new token first stores the token's rotated k and its v at
-the token's cache slot, then reads them back in its loop like every other token.
 """
 
 from __future__ import annotations
@@ -26,7 +21,6 @@ from lowbit.kernels.triton.common import (
     reset_arrivals,
     splitk_counters,
 )
-from lowbit.kernels.triton.rotary import _check
 
 BLOCK_N = 64  # context tokens per inner step
 NUM_STAGES = 2  # loads in flight across steps (Triton's pipeliner)
@@ -59,101 +53,36 @@ def _active_splits(seq_len, NUM_SPLITS: tl.constexpr, BLOCK_N: tl.constexpr,
 @triton.jit
 def _paged_decode_attention_kernel(
     q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, ml_ptr, cnt_ptr,
-    pos_ptr, kn_ptr, vn_ptr, cos_ptr, sin_ptr, slot_ptr,
-    scale, k_scale, v_scale, inv_k_scale, inv_v_scale,
+    scale, k_scale, v_scale,
     stride_qb, stride_qh, stride_ks, stride_kh, stride_tb, stride_ob, stride_oh,
-    stride_knb, stride_knh, stride_vnb, stride_vnh, stride_c,
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     IS_FP8: tl.constexpr, FUSED_MERGE: tl.constexpr, SHORT: tl.constexpr,
-    ROPE: tl.constexpr, FP8_MAX: tl.constexpr, PDL: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
-    """ROPE: q is the un-rotated query, kn/vn the new token's k and v, and pos/cos/sin/slot
-    what `_rotary_kernel` reads (inv_k/v_scale, FP8_MAX its fp8 store); else those are not
-    read."""
     pdl_enter(PDL)
     b = tl.program_id(0)
     hkv = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
-    if ROPE:  # loaded with seq_len: nothing of the new token waits for the context length
-        pos = tl.load(pos_ptr + b).to(tl.int64)
-        slot = tl.load(slot_ptr + b).to(tl.int64)
     per_split, active = _active_splits(seq_len, NUM_SPLITS, BLOCK_N, SHORT)
     if split < active:  # the splits past the context have nothing to do, not even arrive
-        if ROPE:  # the split that holds the new token (seq_len - 1) stores it
-            q = _rope_and_store(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos, slot,
-                                (split == active - 1) & (slot >= 0), b, hkv, stride_qb,
-                                stride_qh, stride_knb, stride_knh, stride_vnb, stride_vnh,
-                                stride_ks, stride_kh, stride_c, inv_k_scale, inv_v_scale, GROUP,
-                                GROUP_PAD, HEAD_DIM, BLOCK_D, IS_FP8, FP8_MAX)  # fmt: skip
-        else:
-            g = tl.arange(0, GROUP_PAD)
-            d = tl.arange(0, BLOCK_D)
-            q = tl.load(q_ptr + b * stride_qb + (hkv * GROUP + g)[:, None] * stride_qh
-                        + d[None, :], mask=(g < GROUP)[:, None] & (d < HEAD_DIM)[None, :],
-                        other=0.0)  # fmt: skip
-        _attend(q, k_ptr, v_ptr, table_ptr, out_ptr, part_ptr, ml_ptr, cnt_ptr, scale, k_scale,
-                v_scale, stride_ks, stride_kh, stride_tb, stride_ob, stride_oh, b, hkv, split,
-                seq_len, per_split, active, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_D, BLOCK_SIZE,
-                BLOCK_N, NUM_SPLITS, IS_FP8, FUSED_MERGE)  # fmt: skip
+        _attend(q_ptr, k_ptr, v_ptr, table_ptr, out_ptr, part_ptr, ml_ptr, cnt_ptr, scale,
+                k_scale, v_scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_tb,
+                stride_ob, stride_oh, b, hkv, split, seq_len, per_split, active, GROUP,
+                GROUP_PAD, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, NUM_SPLITS, IS_FP8,
+                FUSED_MERGE)  # fmt: skip
 
 
 @triton.jit
-def _rope_and_store(q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, pos, slot, store, b,
-                    hkv, stride_qb, stride_qh, stride_knb, stride_knh, stride_vnb, stride_vnh,
-                    stride_ks, stride_kh, stride_c, inv_k_scale, inv_v_scale,
-                    GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr,
-                    BLOCK_D: tl.constexpr, IS_FP8: tl.constexpr,
-                    FP8_MAX: tl.constexpr):  # fmt: skip
-    """The (GROUP_PAD, BLOCK_D) tile of sequence b's query heads of KV head hkv rotated at pos,
-    zero past the group and the head; where `store`, the new token's k (rotated) and v written
-    at `slot` as `_rotary_kernel` writes them (fp8 as x / scale saturated), then a CTA barrier
-    makes them visible to this program's threads, whose attention loop reads the token back
-    from the cache like any other. `_rotate`'s arithmetic, lane d from the pair (d mod D/2,
-    D/2 + d mod D/2): the pair's first result below D/2, its second above. Every load goes out
-    before any result is needed (q, k and v with cos / sin), and the stores are masked rather
-    than branched, so the new token costs one round trip before the loop's first."""
-    HALF: tl.constexpr = HEAD_DIM // 2
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, BLOCK_D)
-    dh = (d % HALF)[None, :]
-    d_mask = (d < HEAD_DIM)[None, :]
-    # The group's query heads are the rows of a (GROUP_PAD ≥ 16, D) tile, so both products
-    # run on the tensor cores; padding rows are zero and never stored.
-    rows = q_ptr + b * stride_qb + (hkv * GROUP + g)[:, None] * stride_qh  # (G, 1)
-    q_mask = (g < GROUP)[:, None] & d_mask
-    k_row = kn_ptr + b * stride_knb + hkv * stride_knh
-    q1 = tl.load(rows + dh, mask=q_mask, other=0.0)
-    q2 = tl.load(rows + HALF + dh, mask=q_mask, other=0.0)
-    k1 = tl.load(k_row + dh, mask=d_mask, other=0.0)  # (1, D)
-    k2 = tl.load(k_row + HALF + dh, mask=d_mask, other=0.0)
-    v = tl.load(vn_ptr + b * stride_vnb + hkv * stride_vnh + d[None, :], mask=d_mask, other=0.0)
-    c = tl.load(cos_ptr + pos * stride_c + dh, mask=d_mask, other=0.0).to(q1.dtype)
-    s = tl.load(sin_ptr + pos * stride_c + dh, mask=d_mask, other=0.0).to(q1.dtype)
-    lo = d[None, :] < HALF
-    q = tl.where(lo, q1 * c - q2 * s, q2 * c + q1 * s)
-    k = tl.where(lo, k1 * c - k2 * s, k2 * c + k1 * s)
-    dst = slot * stride_ks + hkv * stride_kh + d[None, :]
-    st_mask = d_mask & store
-    if IS_FP8:
-        k = tl.clamp(k.to(tl.float32) * inv_k_scale, -FP8_MAX, FP8_MAX)
-        v = tl.clamp(v.to(tl.float32) * inv_v_scale, -FP8_MAX, FP8_MAX)
-    tl.store(k_ptr + dst, k.to(k_ptr.dtype.element_ty), mask=st_mask)
-    tl.store(v_ptr + dst, v.to(v_ptr.dtype.element_ty), mask=st_mask)
-    tl.debug_barrier()
-    return q  # (G, D)
-
-
-@triton.jit
-def _attend(q, k_ptr, v_ptr, table_ptr, out_ptr, part_ptr, ml_ptr, cnt_ptr, scale, k_scale,
-            v_scale, stride_ks, stride_kh, stride_tb, stride_ob, stride_oh, b, hkv, split,
-            seq_len, per_split, active, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-            BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr, IS_FP8: tl.constexpr,
-            FUSED_MERGE: tl.constexpr):  # fmt: skip
-    """One (sequence, KV head, split) with tokens, for the group's query tile q (G, D): its
-    partial softmax, or the output itself when it is the sequence's only split."""
+def _attend(q_ptr, k_ptr, v_ptr, table_ptr, out_ptr, part_ptr, ml_ptr, cnt_ptr, scale, k_scale,
+            v_scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_tb, stride_ob,
+            stride_oh, b, hkv, split, seq_len, per_split, active, GROUP: tl.constexpr,
+            GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+            IS_FP8: tl.constexpr, FUSED_MERGE: tl.constexpr):  # fmt: skip
+    """One (sequence, KV head, split) with tokens: its partial softmax, or the output itself
+    when it is the sequence's only split."""
     start = split * per_split
     end = tl.minimum(start + per_split, seq_len)
 
@@ -162,6 +91,14 @@ def _attend(q, k_ptr, v_ptr, table_ptr, out_ptr, part_ptr, ml_ptr, cnt_ptr, scal
     heads = hkv * GROUP + g
     g_mask = g < GROUP
     d_mask = d < HEAD_DIM
+    # The group's query heads are the rows of a (GROUP_PAD ≥ 16, D) tile, so both products
+    # run on the tensor cores; padding rows are zero and never stored.
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :],
+        other=0.0,
+    )  # (G, D)
+
     m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([GROUP_PAD], tl.float32)
     acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
@@ -277,50 +214,6 @@ def paged_decode_attention(
     block_size    tokens per KV block
     returns       (B, H, D)         compute dtype
     """
-    return _decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, k_scale,
-                   v_scale, num_splits, rope=None)  # fmt: skip
-
-
-def rotary_decode_attention(
-    positions: Tensor,
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    cos: Tensor,
-    sin: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    slots: Tensor,
-    block_tables: Tensor,
-    seq_lens: Tensor,
-    block_size: int,
-    scale: float,
-    k_scale: float = 1.0,
-    v_scale: float = 1.0,
-    num_splits: int | None = None,
-) -> Tensor:
-    """`rotary_kv_store` then `paged_decode_attention` in one launch, bit for bit: the new
-    tokens' k (rotated) and v land in the caches, and their attention comes back.
-
-    positions     (B,)              each new token's position (its cos/sin row)
-    q             (B, H, D)         un-rotated; unit last stride (a view into the qkv output)
-    k, v          (B, Hkv, D)       the new tokens', k un-rotated; unit last stride
-    cos, sin      (P, D/2)          float32 tables
-    slots         (B,)              cache slot of each new token; < 0 (CUDA-graph padding): none
-    the rest, and the result, as `paged_decode_attention`
-    """
-    _check(positions, q, k, cos, sin)
-    B, Hkv, D = k.shape
-    assert v.shape == k.shape and v.stride(-1) == 1, (k.shape, v.shape)
-    assert k_cache.shape[1:] == (Hkv, D), (k.shape, k_cache.shape)
-    assert slots.shape == (B,), slots.shape
-    return _decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, k_scale,
-                   v_scale, num_splits, rope=(positions, k, v, cos, sin, slots))  # fmt: skip
-
-
-def _decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, k_scale, v_scale,
-            num_splits, rope) -> Tensor:  # fmt: skip
-    """The launch(es) of both entry points; rope: (positions, k, v, cos, sin, slots) or None."""
     B, H, D = q.shape
     S, Hkv, Dk = k_cache.shape
     assert Dk == D and v_cache.shape == k_cache.shape, (q.shape, k_cache.shape, v_cache.shape)
@@ -332,7 +225,6 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, k_sc
     assert S % block_size == 0, (S, block_size)
     splits = num_splits or num_splits_for(B, Hkv)
     group = H // Hkv
-    fp8 = k_cache.dtype.itemsize == 1
     out = torch.empty(B, H, D, dtype=q.dtype, device=q.device)
     part = ml = out  # unused when splits == 1
     counters = None
@@ -340,21 +232,16 @@ def _decode(q, k_cache, v_cache, block_tables, seq_lens, block_size, scale, k_sc
         part = torch.empty(B, H, splits, D, dtype=torch.float32, device=q.device)
         ml = torch.empty(B, H, splits, 2, dtype=torch.float32, device=q.device)
         counters = splitk_counters(q.device, B * Hkv)
-    unread = (seq_lens, q, q, q, q, seq_lens)  # the kernel's rope arguments when there is none
-    pos, kn, vn, cos, sin, slots = rope if rope is not None else unread
     block_d = triton.next_power_of_2(D)
     _paged_decode_attention_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part, ml,
-        counters if counters is not None else out, pos, kn, vn, cos, sin, slots,
-        scale, k_scale, v_scale, 1.0 / k_scale, 1.0 / v_scale,
+        counters if counters is not None else out, scale, k_scale, v_scale,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), block_tables.stride(0),
-        out.stride(0), out.stride(1), kn.stride(0), kn.stride(1), vn.stride(0), vn.stride(1),
-        cos.stride(0),
+        out.stride(0), out.stride(1),
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, NUM_SPLITS=splits,
-        IS_FP8=fp8, FUSED_MERGE=counters is not None, SHORT=SHORT_CONTEXT,
-        ROPE=rope is not None, FP8_MAX=torch.finfo(k_cache.dtype).max if fp8 else 0.0,
-        **pdl(q.device), num_warps=NUM_WARPS,
+        IS_FP8=k_cache.dtype.itemsize == 1, FUSED_MERGE=counters is not None,
+        SHORT=SHORT_CONTEXT, **pdl(q.device), num_warps=NUM_WARPS,
         num_stages=ONE_SPLIT_STAGES if splits == 1 and k_cache.dtype.itemsize == 2 else NUM_STAGES,
     )  # fmt: skip
     if splits > 1 and counters is None:

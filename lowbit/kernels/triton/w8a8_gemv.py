@@ -33,8 +33,9 @@ from lowbit.kernels.triton.common import (
 NUM_SMS = 132
 MAX_M = 2  # every row is a register accumulator of BLOCK_N × BLOCK_K
 # A program's first weight tile is loaded before the PDL wait (weights are never written by a
-# kernel; x is read after it), as the `mma16` kernel's EARLY: off until measured on the GPU
-# (bench_decode.py `+early8`; written after run 12's device time).
+# kernel; x is read after it), as the `mma16` kernel's EARLY: off, no clear gain on the H100
+# (benchmarks/RESULTS.md run 13, batch-1 tok/s off → on: fp8 269 → 263, int8 271 → 275, bf16
+# 173 → 175; fp8 GEMV at M = 1 slower on qkv and o); bench_decode.py `+early8`.
 EARLY = False
 
 
