@@ -274,6 +274,7 @@ class DeferredQuant(QuantizedActivation):
         self._codes = None
 
     def _materialize(self) -> tuple[Tensor, Tensor]:
+        """The codes and scales, quantized on first use (then kept)."""
         if self._codes is None:
             K = self.x.shape[-1]
             q, s = act_quant(self.x.reshape(-1, K), self.qdtype, None, self.qmax)
@@ -287,6 +288,7 @@ class DeferredQuant(QuantizedActivation):
     device = property(lambda self: self.x.device)
 
     def numel(self) -> int:
+        """Elements of x."""
         return self.x.numel()
 
 
