@@ -25,8 +25,7 @@ the split Triton one (dispatch.SPLIT_ARGMAX off), `+notiled` keeps wide int4 wei
 rows on the small-M kernel (dispatch.WNA16_MMA_TILED off), `+early8` loads the first weight
 tile of the W8A8 / 16-bit GEMVs before the PDL wait (w8a8_gemv.EARLY on), `+nodefer`
 quantizes a one-row SwiGLU in its own one-program pass instead of in the W8A8 GEMV
-(silu_mul.DEFER_MAX_M = 0), `+deferbn16` gives that GEMV 16-row programs
-(w8a8_gemm.DEFER_BN), `+deferfp8` defers fp8 too (silu_mul.DEFER_DTYPES); scheme `bf16`
+(silu_mul.DEFER_DTYPES empty), `+deferfp8` defers fp8 too; scheme `bf16`
 (unquantized) or one of benchlib.BENCH_SCHEMES, lowbit's own quantized plans over dummy weights
 (benchlib.bench_plan).
 RMSNorm, rotary and SwiGLU run the fused Triton kernels in every variant (the layers call them
@@ -85,7 +84,6 @@ def lowbit_decode_flags(variant: str):
         common,
         paged_decode_attention,
         silu_mul,
-        w8a8_gemm,
         w8a8_gemv,
         wna16_mma,
     )
@@ -106,8 +104,7 @@ def lowbit_decode_flags(variant: str):
         "torchargmax": (dispatch, "SPLIT_ARGMAX", False),
         "notiled": (dispatch, "WNA16_MMA_TILED", False),
         "early8": (w8a8_gemv, "EARLY", True),
-        "nodefer": (silu_mul, "DEFER_MAX_M", 0),
-        "deferbn16": (w8a8_gemm, "DEFER_BN", 16),
+        "nodefer": (silu_mul, "DEFER_DTYPES", ()),
         "deferfp8": (silu_mul, "DEFER_DTYPES", (torch.int8, torch.float8_e4m3fn)),
     }
     scheme, *flags = variant.split("+")

@@ -160,7 +160,7 @@ WNA16_MMA_MAX_M = 64
 # to the small-M kernel on qkv / o / down at M ≤ 64 and at M = 16, and to dequantize + cuBLAS
 # at M = 256, so it runs nowhere else. LOWBIT_WNA16_MMA_TILED=0 turns it off (an A/B switch).
 WNA16_MMA_TILED = os.environ.get("LOWBIT_WNA16_MMA_TILED", "1") != "0"
-WNA16_MMA_TILED_M = (33, 64)
+WNA16_MMA_TILED_MIN_M = 33  # up to WNA16_MMA_MAX_M
 WNA16_MMA_TILED_MIN_N = 16384
 
 
@@ -173,7 +173,7 @@ def wna16_mma_layout(device: torch.device, N: int, K: int, group_size: int, bits
 
 def _wna16_mma(x, qmma, scales, qzeros, group_size, bias, perm) -> Tensor:
     """`wna16_gemm` over the `mma16` layout: the small-M tensor-core kernel up to
-    WNA16_MMA_MAX_M rows of bf16/fp16 (the tiled one for wide weights at WNA16_MMA_TILED_M
+    WNA16_MMA_MAX_M rows of bf16/fp16 (the tiled one for wide weights from WNA16_MMA_TILED_MIN_M
     rows), else the weight dequantized (triton/wna16_mma.dequant_mma16) and one dense GEMM;
     off CUDA (a model moved after loading) the reference over the unpacked codes."""
     if not use_triton(x.device):
@@ -183,8 +183,8 @@ def _wna16_mma(x, qmma, scales, qzeros, group_size, bias, perm) -> Tensor:
     half = x.dtype in (torch.float16, torch.bfloat16) and x.dtype == scales.dtype
     N, K = scales.shape[1], x.shape[-1]
     G = K if group_size in (-1, 0) else group_size
-    lo, hi = WNA16_MMA_TILED_M
-    if WNA16_MMA_TILED and half and lo <= M <= hi and N >= WNA16_MMA_TILED_MIN_N and G % 128 == 0:
+    wide = N >= WNA16_MMA_TILED_MIN_N and G % 128 == 0
+    if WNA16_MMA_TILED and half and WNA16_MMA_TILED_MIN_M <= M <= WNA16_MMA_MAX_M and wide:
         return _triton("wna16_mma_tiled", "wna16_mma_tiled")(
             x, qmma, scales, qzeros, group_size, bias, perm
         )

@@ -153,12 +153,12 @@ def test_silu_mul_defers_quantization_at_one_row(dev, monkeypatch, T, quant):
 @pytest.mark.parametrize("bn", [8, 16])
 def test_w8a8_gemv_quantizes_deferred_input(dev, monkeypatch, quant, K, bn):
     """The GEMV given SwiGLU's deferred output (16-bit values, partial absmaxes) gives the bits
-    it gives for the codes act_quant writes: the same codes, quantized as it loads them."""
+    it gives for the codes act_quant writes: the same codes, quantized as it loads them —
+    through dispatch (the served config, 8-row programs) and with 16-row programs."""
     from lowbit.kernels.triton import silu_mul, w8a8_gemm
     from lowbit.kernels.triton.w8a8_gemv import w8a8_gemv
 
     _needs_fusion(dev, quant)
-    monkeypatch.setattr(w8a8_gemm, "DEFER_BN", bn)
     monkeypatch.setattr(silu_mul, "DEFER_DTYPES", (torch.int8, torch.float8_e4m3fn))
     wdtype, qmax = quant
     gen = torch.Generator().manual_seed(K)
@@ -175,7 +175,10 @@ def test_w8a8_gemv_quantizes_deferred_input(dev, monkeypatch, quant, K, bn):
     gemm = dispatch.int8_gemm if wdtype == torch.int8 else dispatch.fp8_scaled_mm
     config = {**w8a8_gemm.GEMV_CONFIG, "bn": bn}
     for b in (None, bias):
-        got = gemm(deferred, wq, ws.to(dev), bias=b)
+        if config == w8a8_gemm.GEMV_CONFIG:
+            got = gemm(deferred, wq, ws.to(dev), bias=b)
+        else:
+            got = w8a8_gemv(deferred, None, wq, ws.to(dev), b, ACT_DTYPE, config)
         want = w8a8_gemv(q, s, wq, ws.to(dev), b, ACT_DTYPE, config)
         assert got.dtype == ACT_DTYPE and torch.equal(got, want)
         ref = (q.float() @ wq.float().t()) * s * ws.to(dev) + (0 if b is None else b.float())

@@ -85,7 +85,7 @@ def test_dispatch_takes_gemv_for_large_m1(dev, dtype):
     from lowbit.kernels.triton import w8a8_gemm as mod
 
     N, K = 6144, 4096
-    assert mod._gemv_path(1) and not mod._gemv_path(2) and mod.GEMV_CONFIG["bn"] == 8
+    assert mod.gemv_path(1) and not mod.gemv_path(2) and mod.GEMV_CONFIG["bn"] == 8
     x, wq, ws, _ = _operands(1, N, K, dtype, 9)
     args = (x.to(dev, ACT_DTYPE), wq.to(dev), ws.to(dev))
     y = dispatch.int8_gemm(*args) if dtype == torch.int8 else dispatch.fp8_scaled_mm(*args)

@@ -1,10 +1,11 @@
 """SwiGLU activation: silu(gate) · up from the fused gate_up output, in one pass; optionally
 quantized per token for a W8A8 down projection in the same pass.
 
-The per-token scale needs the whole row, so the quantizing kernel is one program a row. Up to
-DEFER_MAX_M rows (decode at batch 1: one program for 14,336 values) the row instead runs on
-many programs, each writing its values and their absmax, and the W8A8 GEMV quantizes as it
-loads them (`dispatch.DeferredQuant`): the same codes, one short launch instead of a long one.
+The per-token scale needs the whole row, so the quantizing kernel is one program a row. Where
+the W8A8 consumer is the GEMV (`w8a8_gemm.gemv_path`: decode at batch 1, one program for 14,336
+values) the row instead runs on many programs, each writing its values and their absmax, and
+the GEMV quantizes as it loads them (`dispatch.DeferredQuant`): the same codes, one short
+launch instead of a long one.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from torch import Tensor
 from lowbit.kernels.dispatch import DeferredQuant, QuantizedActivation
 from lowbit.kernels.triton.act_quant import EPS, QMAX, quantize_block
 from lowbit.kernels.triton.common import pdl, pdl_enter
+from lowbit.kernels.triton.w8a8_gemm import gemv_path
 
 BLOCK = 1024
-# Rows up to which a quantized SwiGLU leaves the quantization to its W8A8 GEMV consumer (the
-# GEMV's rows: `w8a8_gemm._gemv_path`), for these code dtypes. H100, batch-1 decode, tok/s
-# deferred vs not, two runs each (benchmarks/RESULTS.md run 13): int8 277 / 278 vs 272 / 273;
-# fp8 265 / 266 vs 270 / 270 (the GEMV's x to e4m3 and back costs more than the launch saves)
-DEFER_MAX_M = 1
+# Code dtypes for which a quantized SwiGLU leaves the quantization to its W8A8 GEMV consumer.
+# H100, batch-1 decode, tok/s deferred vs not, two runs each (benchmarks/RESULTS.md run 13):
+# int8 277 / 278 vs 272 / 273; fp8 265 / 266 vs 270 / 270 (the GEMV's x to e4m3 and back costs
+# more than the launch saves)
 DEFER_DTYPES = (torch.int8,)
 
 
@@ -76,8 +77,8 @@ def silu_mul(x: Tensor, quant=None):
 
     quant  None, or (dtype, qmax): the result quantized per token (int8 / float8_e4m3fn,
            scale = absmax / qmax), returned as a dispatch.QuantizedActivation (up to
-           DEFER_MAX_M rows of a DEFER_DTYPES dtype a dispatch.DeferredQuant: values and
-           partial absmaxes)
+           rows the GEMV takes, of a DEFER_DTYPES dtype, a dispatch.DeferredQuant: values
+           and partial absmaxes)
     """
     two_i = x.shape[-1]
     assert two_i % 2 == 0, x.shape
@@ -85,7 +86,7 @@ def silu_mul(x: Tensor, quant=None):
     x2 = x.reshape(-1, two_i)
     assert x2.stride(-1) == 1, x.stride()
     M = x2.shape[0]
-    if quant is not None and 0 < M <= DEFER_MAX_M and quant[0] in DEFER_DTYPES:
+    if quant is not None and quant[0] in DEFER_DTYPES and M and gemv_path(M):
         qdtype, qmax = quant
         out = torch.empty(M, I, dtype=x.dtype, device=x.device)
         amax = torch.empty(M, triton.cdiv(I, BLOCK), dtype=torch.float32, device=x.device)

@@ -24,12 +24,9 @@ NUM_SMS = 132
 # quant included): qkv 15.7 → 13.2, o 14.0 → 10.0, gate_up 50.1 → 48.3, down 32.7 → 27.1 over
 # the previous routing (GEMV with 16-row blocks on qkv/gate_up, the MMA kernel on o/down).
 GEMV_CONFIG = {"bn": 8, "bk": 512, "stages": 3, "waves": 8}
-# weight rows a GEMV program over a DeferredQuant x: each program quantizes its x tiles, so more
-# rows share that work (bench_decode `+deferbn16` probes 16)
-DEFER_BN = 8
 
 
-def _gemv_path(M: int) -> bool:
+def gemv_path(M: int) -> bool:
     """Whether dispatch's default for this shape is the CUDA-core GEMV."""
     return M == 1
 
@@ -128,12 +125,10 @@ def w8a8_gemm(
     is_int = weight.dtype == torch.int8
     over = dict(config or {})
     path = over.pop("path", None)
-    if path is None and _gemv_path(x.numel() // K):
+    if path is None and gemv_path(x.numel() // K):
         path, over = "gemv", GEMV_CONFIG
     if isinstance(x, DeferredQuant) and path == "gemv":  # quantized as the GEMV loads it
         assert input_scale is None, "a DeferredQuant is per token"
-        if over is GEMV_CONFIG:
-            over = {**GEMV_CONFIG, "bn": DEFER_BN}
         return w8a8_gemv(x, None, weight, ws, bias, x.dtype, over).reshape(*lead, N)
     if isinstance(x, QuantizedActivation):
         assert x.q.dtype == weight.dtype and input_scale is None, (x.q.dtype, weight.dtype)
