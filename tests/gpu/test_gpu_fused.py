@@ -150,11 +150,12 @@ def test_silu_mul_defers_quantization_at_one_row(dev, monkeypatch, T, quant):
 
 @pytest.mark.parametrize("quant", QUANTS)
 @pytest.mark.parametrize("K", [1536, 1000])  # even tiles; a K past the last tile (masked)
-@pytest.mark.parametrize("bn", [8, 16])
+@pytest.mark.parametrize("bn", [4, 8, 16])
 def test_w8a8_gemv_quantizes_deferred_input(dev, monkeypatch, quant, K, bn):
     """The GEMV given SwiGLU's deferred output (16-bit values, partial absmaxes) gives the bits
     it gives for the codes act_quant writes: the same codes, quantized as it loads them —
-    through dispatch (the served config, 8-row programs) and with 16-row programs."""
+    through dispatch (the served config: 4-row programs for these 264 rows) and with 8- and
+    16-row programs."""
     from lowbit.kernels.triton import silu_mul, w8a8_gemm
     from lowbit.kernels.triton.w8a8_gemv import w8a8_gemv
 
@@ -173,9 +174,9 @@ def test_w8a8_gemv_quantizes_deferred_input(dev, monkeypatch, quant, K, bn):
     assert isinstance(deferred, dispatch.DeferredQuant)
     q, s = dispatch.act_quant(dispatch.silu_mul(gate_up), wdtype, None, qmax)
     gemm = dispatch.int8_gemm if wdtype == torch.int8 else dispatch.fp8_scaled_mm
-    config = {**w8a8_gemm.GEMV_CONFIG, "bn": bn}
+    config = {**w8a8_gemm.gemv_config(N), "bn": bn}
     for b in (None, bias):
-        if config == w8a8_gemm.GEMV_CONFIG:
+        if config == w8a8_gemm.gemv_config(N):
             got = gemm(deferred, wq, ws.to(dev), bias=b)
         else:
             got = w8a8_gemv(deferred, None, wq, ws.to(dev), b, ACT_DTYPE, config)

@@ -22,7 +22,7 @@ NEEDS_PTX = pytest.mark.skipif(
 CASES = [(128, False, 512, 192), (64, True, 256, 320), (-1, False, 384, 128),
          (128, True, 1024, 64)]  # fmt: skip
 CONFIGS = [None, {"waves": 10**6}, {"e": 1}, {"e": 2, "waves": 1}, {"early": 0},
-           {"early": 0, "waves": 1}]  # fmt: skip
+           {"early": 0, "waves": 1}, {"kw": 4}, {"kw": 2, "gpw": 2, "early": 0}]  # fmt: skip
 
 
 def _problem(M, group, sym, K, N, seed, dtype):
@@ -66,6 +66,21 @@ def test_wna16_mma_fp16(dev, M):
     out = _run(dev, x.half(), qweight, scales, qzeros, 128)
     assert out.dtype == torch.float16
     assert rel_err(out, x.half().double() @ deq.double().t()) < 1e-2
+
+
+@NEEDS_PTX
+@pytest.mark.parametrize("M", [1, 2])
+def test_wna16_mma_long_k(dev, M):
+    """A long K (≥ LONG_K): one row takes two column tiles a warp and up to 32 splits (here 17
+    of 4 groups), their finish summing one row; two rows keep the short-K config."""
+    from lowbit.kernels.triton.wna16_mma import LONG_K, _config
+
+    K, N = 68 * 128, 192
+    assert K >= LONG_K and _config(1, N, K, 128)["e"] == 2 and _config(2, N, K, 128)["e"] == 1
+    qweight, scales, qzeros, deq, x, bias = _problem(M, 128, False, K, N, 13, torch.bfloat16)
+    out = _run(dev, x.bfloat16(), qweight, scales, qzeros, 128, bias.bfloat16())
+    ref = x.bfloat16().double() @ deq.double().t() + bias.bfloat16().double()
+    assert rel_err(out, ref) < 1e-2
 
 
 @NEEDS_PTX

@@ -24,6 +24,16 @@ NUM_SMS = 132
 # quant included): qkv 15.7 → 13.2, o 14.0 → 10.0, gate_up 50.1 → 48.3, down 32.7 → 27.1 over
 # the previous routing (GEMV with 16-row blocks on qkv/gate_up, the MMA kernel on o/down).
 GEMV_CONFIG = {"bn": 8, "bk": 512, "stages": 3, "waves": 8}
+# ... but weights of at most GEMV_NARROW_N rows (o_proj, down_proj of an 8B) take 4-row blocks:
+# twice the programs, where 8-row blocks fill 0.73 of a wave of the SMs (ncu, o). H100,
+# benchmarks/RESULTS.md run 14, FP8 µs at M = 1: o 11.5 → 10.0, down 28.3 → 27.1; qkv (6144
+# rows) 13.1 → 14.2 and gate_up 48.4 → 50.2 with 4-row blocks, so they keep 8.
+GEMV_NARROW_N = 4096
+
+
+def gemv_config(N: int) -> dict:
+    """The GEMV's launch config at M = 1 for a weight of N rows."""
+    return {**GEMV_CONFIG, "bn": 4} if N <= GEMV_NARROW_N else GEMV_CONFIG
 
 
 def gemv_path(M: int) -> bool:
@@ -126,7 +136,7 @@ def w8a8_gemm(
     over = dict(config or {})
     path = over.pop("path", None)
     if path is None and gemv_path(x.numel() // K):
-        path, over = "gemv", GEMV_CONFIG
+        path, over = "gemv", gemv_config(N)
     if isinstance(x, DeferredQuant) and path == "gemv":  # quantized as the GEMV loads it
         assert input_scale is None, "a DeferredQuant is per token"
         return w8a8_gemv(x, None, weight, ws, bias, x.dtype, over).reshape(*lead, N)

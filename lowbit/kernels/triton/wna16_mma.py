@@ -35,6 +35,23 @@ MAX_M = 64
 # 11: o at M = 1 8.2 → 7.6 µs, the other shapes 0.1-0.8 µs faster)
 EARLY = True
 SMALL_N_E = 1  # column tiles a warp at M ≤ 8 for N ≤ 8192
+# The split-K finish sums next_pow2(M) rows of the splits' partials, not the x tiles' 8 · MT:
+# at M = 1 one pass over the partials instead of two on o and down (16 splits). H100,
+# benchmarks/RESULTS.md run 14, µs at M = 1, the kernel before this session → now: o 7.53 →
+# 6.93, down 17.0 → 16.5, qkv 9.2 → 8.96. False: all 8 · MT (an A/B switch; today's kernel
+# with it measured o 8.7, down 22.0 — slower than the old kernel, for a reason not found)
+FINISH_EXACT_ROWS = True
+# 9-32 rows of x (MT 2 or 4): programs of `warps` column units whose `kw` warps each take a
+# slice of the split's groups, their sums meeting in the program, instead of four units of one
+# warp. H100, benchmarks/RESULTS.md run 14, µs: M = 16 (1 unit × 2 slices; the kernel before
+# this session → now) qkv 14.9 → 12.6, o 12.3 → 9.94, gate_up 46.8 → 38.4, down 24.9 → 21.1;
+# M = 32 (2 × 2, against four units) qkv 24.2 → 14.6, o 22.5 → 13.4, down 47.2 → 37.4. At
+# M ≤ 8 and M = 64 the slices measured slower. {}: none (an A/B switch)
+SLICED = {2: {"warps": 1, "kw": 2}, 4: {"warps": 2, "kw": 2}}
+# K of at least LONG_K (down_proj of an 8B, K = 14336) at M = 1: two column tiles a warp and
+# up to 32 splits (64 waves), affordable since the finish sums one row (run 14, down at M = 1:
+# 16.6 → 15.3 µs; the same on qkv 8.98 → 10.2, o 6.89 → 7.45)
+LONG_K = 8192
 
 
 @triton.constexpr_function
@@ -223,21 +240,29 @@ def _wna16_mma_kernel(
     M, N, K, groups_per_split,
     stride_xm, stride_sg, stride_zg, stride_os, stride_om, stride_ym,
     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, MT: tl.constexpr,
-    E: tl.constexpr, WARPS: tl.constexpr, FP16: tl.constexpr, EARLY: tl.constexpr,
-    SPLIT: tl.constexpr, FUSED: tl.constexpr, FINISH_BIAS: tl.constexpr, PDL: tl.constexpr,
+    E: tl.constexpr, WARPS: tl.constexpr, KW: tl.constexpr, FP16: tl.constexpr,
+    EARLY: tl.constexpr, SPLIT: tl.constexpr, FUSED: tl.constexpr, FINISH_BIAS: tl.constexpr,
+    FIN_M: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    pid_n = tl.program_id(0)  # WARPS units of E column tiles of 16, one a warp
+    # A program is WARPS warps: CT units of E column tiles of 16 times KW slices of its split's
+    # groups (warp w: unit w % CT, slice w // CT); the KW slices' sums meet in the program
+    CT: tl.constexpr = WARPS // KW
+    pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     idx = tl.arange(0, 32 * WARPS)  # element i: lane i % 32 of warp i // 32
     lane = idx % 32
     g = lane // 4
     c = lane % 4
-    unit = pid_n * WARPS + idx // 32
+    unit = pid_n * CT + (idx // 32) % CT
     cg = (unit * E) // 4
     j0 = (unit * E) % 4
     ksteps = K // 16
     w_base = qw_ptr + (cg * ksteps * 32 + lane) * 4 + j0
-    g_lo = pid_k * groups_per_split
+    per_warp = groups_per_split // KW
+    if KW > 1:
+        g_lo = pid_k * groups_per_split + (idx // 32 // CT) * per_warp
+    else:
+        g_lo = pid_k * groups_per_split
     # Weights are never written by a kernel, so with PDL the first group's weight loads may go
     # out before the wait for the previous kernel (which x comes from): EARLY
     if EARLY:
@@ -252,11 +277,24 @@ def _wna16_mma_kernel(
                      HAS_ZERO, MT, E, WARPS, FP16, S_DTYPE)  # fmt: skip
     # the loads are inline PTX, which Triton's pipeliner does not prefetch (carrying the next
     # group's loads through the loop by hand measured slower: benchmarks/RESULTS.md run 11)
-    for grp in range(g_lo + (1 if EARLY else 0), g_lo + groups_per_split):
+    for i in range(1 if EARLY else 0, per_warp):
+        grp = g_lo + i
         wz = _fetch_w(w_base, s_ptr, z_ptr, grp, cg, j0, g, stride_sg, stride_zg, GROUP,
                       HAS_ZERO, E)  # fmt: skip
         acc = _group(acc, wz, x_ptr, xz_ptr, grp, cg, j0, g, c, M, stride_xm, GROUP, HAS_ZERO,
                      MT, E, WARPS, FP16, S_DTYPE)  # fmt: skip
+    if KW > 1:  # sum the K slices: element (slice, unit, lane) → (unit, lane)
+        red = ()
+        for r in tl.static_range(4 * MT * E):
+            red = red + (tl.sum(tl.reshape(acc[r], (KW, 32 * CT)), axis=0),)
+        acc = red
+        idx = tl.arange(0, 32 * CT)
+        lane = idx % 32
+        g = lane // 4
+        c = lane % 4
+        unit = pid_n * CT + idx // 32
+        cg = (unit * E) // 4
+        j0 = (unit * E) % 4
     # word e's tile t register i: column n (+ 8 for i ≥ 2), x row 8 t + 2 c + i % 2
     for r in tl.static_range(4 * MT * E):
         e = r // (4 * MT)
@@ -270,8 +308,8 @@ def _wna16_mma_kernel(
         ptrs = out_ptr + pid_k * stride_os + m * stride_om + n
         tl.store(ptrs, v.to(out_ptr.dtype.element_ty), mask=m < M)
     if FUSED:  # the tile's last split sums the partials into y
-        splitk_last(out_ptr, y_ptr, bias_ptr, cnt_ptr, pid_n, M, N, 0, pid_n * WARPS * E * 16,
-                    stride_os, stride_om, stride_ym, SPLIT, 8 * MT, WARPS * E * 16, FINISH_BIAS,
+        splitk_last(out_ptr, y_ptr, bias_ptr, cnt_ptr, pid_n, M, N, 0, pid_n * CT * E * 16,
+                    stride_os, stride_om, stride_ym, SPLIT, FIN_M, CT * E * 16, FINISH_BIAS,
                     WARPS)  # fmt: skip
 
 
@@ -296,8 +334,11 @@ def _zeros(device: torch.device) -> Tensor:
 
 def _config(M: int, N: int, K: int, G: int, **over) -> dict[str, int]:
     """Launch config: x tiles `mt` (8 rows each), words a lane `e` (column tiles a warp),
-    `warps` a program (a unit of e column tiles each; they share the split-K finish), `waves`
-    of warps an SM the K splits aim at (whole groups, dividing evenly, at most `max_split`)."""
+    `warps` column units a program (e column tiles each; they share the split-K finish), `kw`
+    warps a unit (each a slice of the split's groups, summed in the program; the program has
+    warps · kw warps), `waves` of warps an SM the K splits aim at (whole groups, dividing
+    evenly, at most `max_split`; with kw > 1 a split is kw slices of `gpw` groups, 0: as few
+    splits as max_split allows), `fin` (FINISH_EXACT_ROWS)."""
     mt = triton.cdiv(M, 8)
     mt = 1 << (mt - 1).bit_length()
     # H100 probes (benchmarks/RESULTS.md run 10): one-warp programs of 2 column tiles, 32
@@ -305,14 +346,18 @@ def _config(M: int, N: int, K: int, G: int, **over) -> dict[str, int]:
     # the GEMV's 12.8 / 11.7 / 33.4 / 22.1); at larger M 4-warp programs and at most 4 splits:
     # the finish (one program summing every split's M × 128 partials) grows with the splits
     # (o at M = 16: 12.5 µs with ≤ 4 splits, 19.9 with ≤ 16)
-    if mt == 1:  # one column tile a warp up to N = 8192 (µs, e = 1 vs 2, run 11: qkv 9.25 vs
-        # 9.85, o 7.6 vs 7.74, down 17.2 vs 17.9; gate_up 31.6 vs 26.9)
+    if M == 1 and K >= LONG_K:
+        c = {"e": 2, "warps": 1, "waves": 64, "max_split": 32, "early": EARLY}
+    elif mt == 1:  # one column tile a warp up to N = 8192 (µs, e = 1 vs 2, run 11: qkv 9.25
+        # vs 9.85, o 7.6 vs 7.74, down 17.2 vs 17.9; gate_up 31.6 vs 26.9)
         e = SMALL_N_E if N <= 8192 else 2
         c = {"e": e, "warps": 1, "waves": 32, "max_split": 16, "early": EARLY}
     else:  # 8 splits for long K (down at M = 16: 31.6 → 25.0 µs; 4 → 8 was slower on o)
         c = {"e": 2 if mt == 2 else 8 // mt, "warps": 4, "waves": 8,
              "max_split": 8 if K >= 8192 else 4,
              "early": EARLY}  # fmt: skip
+        c.update(SLICED.get(mt, {}))
+    c = {"kw": 1, "gpw": 0, "fin": int(FINISH_EXACT_ROWS), **c}
     if set(over) - set(c):
         raise ValueError(
             f"unknown wna16_mma config keys {sorted(set(over) - set(c))}; use {list(c)}"
@@ -323,6 +368,14 @@ def _config(M: int, N: int, K: int, G: int, **over) -> dict[str, int]:
     while units % c["warps"]:  # every warp of a program has a unit
         c["warps"] //= 2
     groups = K // G
+    while groups % c["kw"]:
+        c["kw"] //= 2
+    if c["kw"] > 1:
+        per = c["kw"] * (c["gpw"] or max(1, groups // c["kw"] // c["max_split"]))
+        while groups % per:
+            per += c["kw"]
+        c["per_split"] = per
+        return c
     want = max(1, min(c["max_split"], c["waves"] * NUM_SMS // units))
     per = max(1, triton.cdiv(groups, want))
     while groups % per:
@@ -370,7 +423,7 @@ def wna16_mma_gemm(
         return x.new_empty(*x.shape[:-1], N)
     assert M <= MAX_M, f"M={M}: wna16_mma_gemm is the small-M path (M ≤ {MAX_M})"
     cfg = _config(M, N, K, G, **(config or {}))
-    e, mt, warps = cfg["e"], cfg["mt"], cfg["warps"]
+    e, mt, warps, kw = cfg["e"], cfg["mt"], cfg["warps"], cfg["kw"]
     split = (K // G) // cfg["per_split"]
     grid = (N // (16 * e * warps), split)
     o = SplitKOutputs(split, M, N, x.dtype, x.device, grid[0])
@@ -383,9 +436,10 @@ def wna16_mma_gemm(
         x2.stride(0), scales.stride(0), qzeros.stride(0) if qzeros is not None else 0,
         o.part.stride(0), o.part.stride(1), o.out.stride(0),
         GROUP=G, HAS_ZERO=qzeros is not None, HAS_BIAS=bias is not None and split == 1,
-        MT=mt, E=e, WARPS=warps, FP16=x.dtype == torch.float16, EARLY=bool(cfg["early"]),
-        SPLIT=split, FUSED=o.fused, FINISH_BIAS=bias is not None,
-        **pdl(x.device), num_warps=warps,
+        MT=mt, E=e, WARPS=warps * kw, KW=kw, FP16=x.dtype == torch.float16,
+        EARLY=bool(cfg["early"]), SPLIT=split, FUSED=o.fused, FINISH_BIAS=bias is not None,
+        FIN_M=triton.next_power_of_2(M) if cfg["fin"] else 8 * mt, **pdl(x.device),
+        num_warps=warps * kw,
     )  # fmt: skip
     return o.result(bias).reshape(*x.shape[:-1], N)
 
