@@ -30,7 +30,8 @@ kernel's split-K finish sum all 8 · MT rows of partials (wna16_mma.FINISH_EXACT
 `+unsliced` gives its 9-32-row programs four column units of one warp instead of K slices
 (wna16_mma.SLICED empty), `+shortk` gives its one-row programs over down_proj's long K the
 short-K config (wna16_mma.LONG_K off), `+bn8` keeps the W8A8 GEMV's 8-row blocks on weights
-of ≤ 4096 rows (w8a8_gemm.GEMV_NARROW_N = 0); scheme `bf16`
+of ≤ 4096 rows (w8a8_gemm.GEMV_NARROW_N = 0), `+acc3d` runs the W8A8 / 16-bit GEMV's
+(M, BN, BK) accumulator kernel instead of the per-row one (w8a8_gemv.ROW_ACC off); scheme `bf16`
 (unquantized) or one of benchlib.BENCH_SCHEMES, lowbit's own quantized plans over dummy weights
 (benchlib.bench_plan).
 RMSNorm, rotary and SwiGLU run the fused Triton kernels in every variant (the layers call them
@@ -116,6 +117,7 @@ def lowbit_decode_flags(variant: str):
         "unsliced": (wna16_mma, "SLICED", {}),
         "shortk": (wna16_mma, "LONG_K", 1 << 30),
         "bn8": (w8a8_gemm, "GEMV_NARROW_N", 0),
+        "acc3d": (w8a8_gemv, "ROW_ACC", False),
     }
     scheme, *flags = variant.split("+")
     if set(flags) - {"eager", "nooverlap", *overrides}:

@@ -37,6 +37,15 @@ MAX_M = 2  # every row is a register accumulator of BLOCK_N × BLOCK_K
 # (benchmarks/RESULTS.md run 13, batch-1 tok/s off → on: fp8 269 → 263, int8 271 → 275, bf16
 # 173 → 175; fp8 GEMV at M = 1 slower on qkv and o); bench_decode.py `+early8`.
 EARLY = False
+# FP8 and 16-bit weights take the per-row accumulators (the kernel's ROWS): the (M, BN, BK)
+# accumulator's layout made Triton read each weight tile back from shared memory one byte a
+# load (sm_90 SASS: LDS.U8, 4.4 instructions a weight), the per-row one forms every product
+# in the loaded tile's layout (16-byte loads, 4.0 a weight incl. x). H100,
+# benchmarks/RESULTS.md run 14, µs at M = 1 (3-D → rows): FP8 qkv 13.1 → 12.3, o 10.0 → 9.4,
+# gate_up 48.4 → 45.9, down 27.1 → 26.2; bf16 qkv 22.2 → 21.5, gate_up 85.2 → 83.6; decode
+# batch 1 fp8 274 → 287 tok/s, bf16 174 → 176. INT8 keeps the 3-D kernel: per row it was
+# slower on o (10.1 → 11.2) and down (28.0 → 31.2) and int8 decode fell 276 → 222.
+ROW_ACC = True
 
 
 def _config(
@@ -71,10 +80,13 @@ def _w8a8_gemv_kernel(
     BLOCK_K: tl.constexpr, PER_SPLIT: tl.constexpr, EVEN: tl.constexpr, STAGES: tl.constexpr,
     SPLIT: tl.constexpr, FUSED: tl.constexpr, FINISH_BIAS: tl.constexpr, WARPS: tl.constexpr,
     EARLY: tl.constexpr, DEFER: tl.constexpr, N_AMAX: tl.constexpr, BLOCK_AMAX: tl.constexpr,
-    QMAX: tl.constexpr, EPS: tl.constexpr, PDL: tl.constexpr,
+    QMAX: tl.constexpr, EPS: tl.constexpr, ROWS: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """DEFER: x is in the compute dtype and xs holds N_AMAX partial absmaxes a row
-    (`dispatch.DeferredQuant`); x is quantized here as `act_quant` would, scale max / QMAX."""
+    (`dispatch.DeferredQuant`); x is quantized here as `act_quant` would, scale max / QMAX.
+    ROWS: every product is formed in the weight tile's own register layout (16 contiguous
+    bytes of a row a thread), one accumulator a row of x (BLOCK_M = M ≤ 2); else one
+    (BLOCK_M, BLOCK_N, BLOCK_K) accumulator (see ROW_ACC)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -86,42 +98,95 @@ def _w8a8_gemv_kernel(
     if EARLY:  # weights are never written by a kernel: the first tile may load before the wait
         w_first = _w_tile(w_ptr, rn, n_mask, k0, K, stride_wn, BLOCK_K, EVEN, acc_t)
     pdl_enter(PDL)
-    x_scale = tl.full([BLOCK_M], 1.0, tl.float32)
-    if DEFER:  # the row's scale from its partial absmaxes (rows ≥ M: EPS, x there is 0)
-        p = tl.arange(0, BLOCK_AMAX)
-        amax = tl.load(xs_ptr + rm[:, None] * stride_xsm + p[None, :],
-                       mask=m_mask[:, None] & (p < N_AMAX)[None, :], other=0.0)  # fmt: skip
-        x_scale = tl.maximum(tl.max(amax, axis=1), EPS) / QMAX
-    code_t = w_ptr.dtype.element_ty
-    acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], acc_t)
-    if EARLY:
-        x = _x_tile(x_ptr, rm, m_mask, k0, K, stride_xm, BLOCK_K, EVEN, acc_t, DEFER, x_scale,
-                    QMAX, IS_INT, code_t)  # fmt: skip
-        acc += w_first.to(acc_t)[None, :, :] * x.to(acc_t)[:, None, :]
-    # a constant trip count (few distinct values: one per shape); the loop's num_stages
-    # prefetches its loads (the launch's num_stages pipelines only loads that feed a tl.dot)
-    for t in tl.range(1 if EARLY else 0, PER_SPLIT, num_stages=STAGES):
-        k = k0 + t * BLOCK_K
-        w = _w_tile(w_ptr, rn, n_mask, k, K, stride_wn, BLOCK_K, EVEN, acc_t)
-        x = _x_tile(x_ptr, rm, m_mask, k, K, stride_xm, BLOCK_K, EVEN, acc_t, DEFER, x_scale,
-                    QMAX, IS_INT, code_t)  # fmt: skip
-        acc += w.to(acc_t)[None, :, :] * x.to(acc_t)[:, None, :]
-    y = tl.sum(acc, axis=2).to(tl.float32)  # (BM, BN)
-    if SCALED:
-        if DEFER:
-            xs = x_scale
-        else:
-            xs = tl.load(xs_ptr + rm * stride_xsm, mask=m_mask, other=0.0)
-        ws = tl.load(ws_ptr + rn, mask=n_mask, other=0.0)
-        y = y * xs[:, None] * ws[None, :]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
-    out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
-    tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+    if ROWS:  # one (BLOCK_N, BLOCK_K) accumulator a row of x (BLOCK_M = M): ROW_ACC
+        scales = ()  # each row's quantization scale (DEFER), from its partial absmaxes
+        for m in tl.static_range(BLOCK_M):
+            if DEFER:
+                p = tl.arange(0, BLOCK_AMAX)
+                amax = tl.load(xs_ptr + m * stride_xsm + p, mask=p < N_AMAX, other=0.0)
+                scales = scales + (tl.maximum(tl.max(amax, axis=0), EPS) / QMAX,)
+            else:
+                scales = scales + (1.0,)
+        code_t = w_ptr.dtype.element_ty
+        accs = (tl.zeros([BLOCK_N, BLOCK_K], acc_t),) * BLOCK_M
+        if EARLY:
+            accs = _rows_step(accs, w_first, x_ptr, k0, K, stride_xm, BLOCK_M, BLOCK_K, EVEN, acc_t,
+                              DEFER, scales, QMAX, IS_INT, code_t)  # fmt: skip
+        for t in tl.range(1 if EARLY else 0, PER_SPLIT, num_stages=STAGES):
+            k = k0 + t * BLOCK_K
+            w = _w_tile(w_ptr, rn, n_mask, k, K, stride_wn, BLOCK_K, EVEN, acc_t)
+            accs = _rows_step(accs, w, x_ptr, k, K, stride_xm, BLOCK_M, BLOCK_K, EVEN, acc_t, DEFER,
+                              scales, QMAX, IS_INT, code_t)  # fmt: skip
+        if SCALED:
+            ws = tl.load(ws_ptr + rn, mask=n_mask, other=0.0)
+        for m in tl.static_range(BLOCK_M):
+            y = tl.sum(accs[m], axis=1).to(tl.float32)  # (BN,)
+            if SCALED:
+                xs = scales[m] if DEFER else tl.load(xs_ptr + m * stride_xsm)
+                y = y * xs * ws
+            if HAS_BIAS:
+                y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)
+            out = out_ptr + pid_k * stride_os + m * stride_om + rn
+            tl.store(out, y.to(out_ptr.dtype.element_ty), mask=n_mask)
+    else:
+        x_scale = tl.full([BLOCK_M], 1.0, tl.float32)
+        if DEFER:  # the row's scale from its partial absmaxes (rows ≥ M: EPS, x there is 0)
+            p = tl.arange(0, BLOCK_AMAX)
+            amax = tl.load(xs_ptr + rm[:, None] * stride_xsm + p[None, :],
+                           mask=m_mask[:, None] & (p < N_AMAX)[None, :], other=0.0)  # fmt: skip
+            x_scale = tl.maximum(tl.max(amax, axis=1), EPS) / QMAX
+        code_t = w_ptr.dtype.element_ty
+        acc = tl.zeros([BLOCK_M, BLOCK_N, BLOCK_K], acc_t)
+        if EARLY:
+            x = _x_tile(x_ptr, rm, m_mask, k0, K, stride_xm, BLOCK_K, EVEN, acc_t, DEFER, x_scale,
+                        QMAX, IS_INT, code_t)  # fmt: skip
+            acc += w_first.to(acc_t)[None, :, :] * x.to(acc_t)[:, None, :]
+        # a constant trip count (few distinct values: one per shape); the loop's num_stages
+        # prefetches its loads (the launch's num_stages pipelines only loads that feed a tl.dot)
+        for t in tl.range(1 if EARLY else 0, PER_SPLIT, num_stages=STAGES):
+            k = k0 + t * BLOCK_K
+            w = _w_tile(w_ptr, rn, n_mask, k, K, stride_wn, BLOCK_K, EVEN, acc_t)
+            x = _x_tile(x_ptr, rm, m_mask, k, K, stride_xm, BLOCK_K, EVEN, acc_t, DEFER, x_scale,
+                        QMAX, IS_INT, code_t)  # fmt: skip
+            acc += w.to(acc_t)[None, :, :] * x.to(acc_t)[:, None, :]
+        y = tl.sum(acc, axis=2).to(tl.float32)  # (BM, BN)
+        if SCALED:
+            if DEFER:
+                xs = x_scale
+            else:
+                xs = tl.load(xs_ptr + rm * stride_xsm, mask=m_mask, other=0.0)
+            ws = tl.load(ws_ptr + rn, mask=n_mask, other=0.0)
+            y = y * xs[:, None] * ws[None, :]
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rn, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        out = out_ptr + pid_k * stride_os + rm[:, None] * stride_om + rn[None, :]
+        tl.store(out, y.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
     if FUSED:  # the tile's last split sums the partials into y
         splitk_last(out_ptr, y_ptr, b_ptr, cnt_ptr, pid_n, M, N, 0, pid_n * BLOCK_N, stride_os,
                     stride_om, stride_ym, SPLIT, BLOCK_M, BLOCK_N, FINISH_BIAS,
                     WARPS)  # fmt: skip
+
+
+@triton.jit
+def _rows_step(accs, w, x_ptr, k, K, stride_xm, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+               EVEN: tl.constexpr, acc_t: tl.constexpr, DEFER: tl.constexpr, scales,
+               QMAX: tl.constexpr, IS_INT: tl.constexpr, code_t: tl.constexpr):  # fmt: skip
+    """accs + the weight tile w (BN, BK) times each row's x at column k, as (BK,) vectors."""
+    wa = w.to(acc_t)
+    rk = k + tl.arange(0, BLOCK_K)
+    out = ()
+    for m in tl.static_range(BLOCK_M):
+        ptrs = x_ptr + m * stride_xm + rk
+        if DEFER:  # 16-bit x: masked lanes load 0, whose code is 0
+            x = tl.load(ptrs, mask=rk < K, other=0.0)
+            x = quantize_with(x.to(tl.float32), scales[m], QMAX, IS_INT).to(code_t)
+        elif EVEN:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=rk < K)
+            x = tl.where(rk < K, x.to(acc_t), 0)
+        out = out + (accs[m] + wa * x.to(acc_t)[None, :],)
+    return out
 
 
 @triton.jit
@@ -230,7 +295,7 @@ def _gemv(xq, xs, weight, ws, bias, out_dtype, cfg, qmax: float | None = None) -
         FINISH_BIAS=bias is not None, WARPS=warps, EARLY=early, DEFER=defer,
         N_AMAX=xs.shape[1] if defer else 1,
         BLOCK_AMAX=triton.next_power_of_2(xs.shape[1]) if defer else 1, QMAX=float(qmax or 0.0),
-        EPS=EPS,
+        EPS=EPS, ROWS=ROW_ACC and weight.dtype != torch.int8,  # BLOCK_M == M (≤ 2)
         **pdl(xq.device), num_warps=warps, num_stages=stages,
     )  # fmt: skip
     return o.result(bias)
