@@ -13,10 +13,11 @@ weights: 1 (fp16) or 3 (bf16) shifts, 4 LOP3, 4 HFMA2 and one MMA an x tile.
 Every tensor of the kernel is one element a lane (1-D, 32 × WARPS): a Triton 2-D load may put
 another lane's values in a thread, and the MMA needs each lane's own fragment; wider loads are
 inline PTX vector loads, one output a register. A program is WARPS warps, each owning E column
-tiles of 16 and one K range of whole groups; splits of K write fp32 partials that the last
-program to finish sums (`common.splitk_last`). There is no interpreter path (inline PTX): the
-CPU tests emulate the fragments (`mma16.emulate`), the GPU tests run the kernel. Above 64 rows
-`dequant_mma16` writes the dense weight for cuBLAS.
+tiles of 16 and one K range of whole groups (with KW > 1, KW warps share a unit's columns, each
+a slice of the program's groups, and their sums meet in the program: `SLICED`); splits of K
+write fp32 partials that the last program to finish sums (`common.splitk_last`). There is no
+interpreter path (inline PTX): the CPU tests emulate the fragments (`mma16.emulate`), the GPU
+tests run the kernel. Above 64 rows `dequant_mma16` writes the dense weight for cuBLAS.
 """
 
 from __future__ import annotations
