@@ -25,9 +25,8 @@ the split Triton one (dispatch.SPLIT_ARGMAX off), `+notiled` keeps wide int4 wei
 rows on the small-M kernel (dispatch.WNA16_MMA_TILED off), `+early8` loads the first weight
 tile of the W8A8 / 16-bit GEMVs before the PDL wait (w8a8_gemv.EARLY on), `+nodefer`
 quantizes a one-row SwiGLU in its own one-program pass instead of in the W8A8 GEMV
-(silu_mul.DEFER_DTYPES empty), `+deferfp8` defers fp8 too, `+finall` has the `mma16`
-kernel's split-K finish sum all 8 · MT rows of partials (wna16_mma.FINISH_EXACT_ROWS off),
-`+unsliced` gives its 9-32-row programs four column units of one warp instead of K slices
+(silu_mul.DEFER_DTYPES empty), `+deferfp8` defers fp8 too, `+unsliced` gives the `mma16`
+kernel's 9-32-row programs four column units of one warp instead of K slices
 (wna16_mma.SLICED empty), `+shortk` gives its one-row programs over down_proj's long K the
 short-K config (wna16_mma.LONG_K off), `+bn8` keeps the W8A8 GEMV's 8-row blocks on weights
 of ≤ 4096 rows (w8a8_gemm.GEMV_NARROW_N = 0), `+acc3d` runs the W8A8 / 16-bit GEMV's
@@ -113,7 +112,6 @@ def lowbit_decode_flags(variant: str):
         "early8": (w8a8_gemv, "EARLY", True),
         "nodefer": (silu_mul, "DEFER_DTYPES", ()),
         "deferfp8": (silu_mul, "DEFER_DTYPES", (torch.int8, torch.float8_e4m3fn)),
-        "finall": (wna16_mma, "FINISH_EXACT_ROWS", False),
         "unsliced": (wna16_mma, "SLICED", {}),
         "shortk": (wna16_mma, "LONG_K", 1 << 30),
         "bn8": (w8a8_gemm, "GEMV_NARROW_N", 0),

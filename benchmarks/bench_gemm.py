@@ -17,14 +17,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from benchlib import PEAK_8BIT, PEAK_BF16, PEAK_BW, environment, print_table, save
-from triton.testing import do_bench
+from benchlib import (
+    PEAK_8BIT,
+    PEAK_BF16,
+    PEAK_BW,
+    ROTATE_BYTES,
+    environment,
+    graph_us,
+    print_table,
+    save,
+)
 
 from lowbit.kernels import dispatch
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 EXTRA_SHAPES = {"lm_head": (128256, 4096)}  # only when named in --shapes
-ROTATE_BYTES = 256 << 20  # > 5× the H100's 50 MB L2
 
 
 def _weights(scheme: str, N: int, K: int) -> tuple[dict, int]:
@@ -197,18 +204,7 @@ def bench(scheme: str, name: str, N: int, K: int, M: int) -> dict:
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     y = _call(scheme, x, one)
     assert y.shape == (M, N) and not torch.isnan(y).any(), (scheme, name, M)
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up off the capture (compiles, cuBLAS handles)
-        for w in copies[:2]:
-            _call(scheme, x, w)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for w in copies:
-            _call(scheme, x, w)
-    ms = do_bench(graph.replay, warmup=10, rep=50, return_mode="median") / len(copies)
-    del graph
+    ms = graph_us(lambda w: _call(scheme, x, w), copies) / 1e3
     flops = 2 * M * N * K
     nbytes = wbytes + 2 * M * (K + N)
     peak = (

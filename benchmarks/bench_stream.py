@@ -26,12 +26,10 @@ from pathlib import Path
 import torch
 import triton
 import triton.language as tl
-from benchlib import PEAK_BW, environment, print_table, save
-from triton.testing import do_bench
+from benchlib import PEAK_BW, ROTATE_BYTES, environment, graph_us, print_table, save
 
 from lowbit.kernels.triton.common import pdl, pdl_enter
 
-ROTATE_BYTES = 256 << 20  # > 5× the H100's 50 MB L2
 # bytes of one Llama-3-8B linear's weight: int4 group 128 (codes + bf16 scales), fp8 (+ fp32
 # row scales), bf16; and the bf16 lm_head
 SIZES = {
@@ -105,16 +103,7 @@ def bench(kind: str, name: str, copies: list[torch.Tensor], cfg: dict) -> dict:
     n = copies[0].numel()
     nbytes = 4 * n
     out = torch.empty(triton.cdiv(n, 256), dtype=torch.int32, device="cuda")
-    for c in copies[:2]:
-        _launch(kind, c, out, cfg)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in copies:
-            _launch(kind, c, out, cfg)
-    ms = do_bench(graph.replay, warmup=10, rep=50, return_mode="median") / len(copies)
-    del graph
-    us = ms * 1e3
+    us = graph_us(lambda c: _launch(kind, c, out, cfg), copies)
     floor = nbytes / PEAK_BW * 1e6
     cfg_s = ",".join(f"{k}={v}" for k, v in cfg.items())
     return {"size": name, "MB": nbytes / 1e6, "kind": kind, "config": cfg_s, "us": us,

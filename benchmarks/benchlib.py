@@ -30,6 +30,29 @@ PEAK_BW = 2.99e12
 PEAK_BF16 = 790e12
 PEAK_8BIT = 1224e12
 RESULTS = Path(__file__).resolve().parent / "results"
+# Weight copies together this large (> 5× the H100's 50 MB L2) are never served from L2.
+ROTATE_BYTES = 256 << 20
+
+
+def graph_us(run, copies: list) -> float:
+    """Median µs of `run(copy)` for one copy: a CUDA graph runs it once per copy (warmed up on a
+    side stream off the capture: compiles, cuBLAS handles), replayed by triton's do_bench, so
+    neither Python nor launch overhead is timed, as in decode."""
+    from triton.testing import do_bench
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for c in copies[:2]:
+            run(c)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in copies:
+            run(c)
+    ms = do_bench(graph.replay, warmup=10, rep=50, return_mode="median") / len(copies)
+    del graph
+    return ms * 1e3
 
 
 def write_model_dir(path: Path, num_layers: int = 32) -> Path:

@@ -72,7 +72,8 @@ def profile_variant(model_dir: Path, variant: str, batch: int, prompt: int, step
         prof.__exit__(None, None, None)
         del runner
     _free()
-    return _summary(prof, variant, batch, steps, wall)
+    ks = _kernels(prof)
+    return _table(variant, batch, steps, wall, _busy(ks), ks)
 
 
 def profile_engine(model_dir: Path, variant: str, batch: int, prompt: int, steps: int) -> dict:
@@ -113,14 +114,9 @@ def profile_engine(model_dir: Path, variant: str, batch: int, prompt: int, steps
     return out
 
 
-def _summary(prof, variant: str, batch: int, steps: int, wall: float) -> dict:
-    """Wall and GPU busy time a step, and each kernel's launches and µs a step."""
-    ks = _kernels(prof)
-    return _table(variant, batch, steps, wall, _busy(ks), ks)
-
-
 def _table(variant, batch, steps, wall, busy, ks, minus=()) -> dict:
-    """The summary of kernels `ks` less kernels `minus` (another run's), per step."""
+    """Wall and GPU busy time a step, and each kernel's launches and µs a step: of kernels `ks`
+    less kernels `minus` (another run's)."""
     per = defaultdict(lambda: [0, 0.0])
     for sign, kernels in ((1, ks), (-1, minus)):
         for name, s, e in kernels:

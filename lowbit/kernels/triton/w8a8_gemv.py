@@ -39,8 +39,9 @@ MAX_M = 2  # every row is a register accumulator of BLOCK_N × BLOCK_K
 EARLY = False
 # FP8 and 16-bit weights take the per-row accumulators (the kernel's ROWS): the (M, BN, BK)
 # accumulator's layout made Triton read each weight tile back from shared memory one byte a
-# load (sm_90 SASS: LDS.U8, 4.4 instructions a weight), the per-row one forms every product
-# in the loaded tile's layout (16-byte loads, 4.0 a weight incl. x). H100,
+# load (sm_90 SASS of the qkv config: 184 instructions a 32-weight tile, 39 of them LDS); the
+# per-row one forms every product in the loaded tile's layout (1,120 for a program's 8 tiles,
+# prologue and epilogue included: 140 a tile). H100,
 # benchmarks/RESULTS.md run 14, µs at M = 1 (3-D → rows): FP8 qkv 13.1 → 12.3, o 10.0 → 9.4,
 # gate_up 48.4 → 45.9, down 27.1 → 26.2; bf16 qkv 22.2 → 21.5, gate_up 85.2 → 83.6; decode
 # batch 1 fp8 274 → 287 tok/s, bf16 174 → 176. INT8 keeps the 3-D kernel: per row it was
@@ -176,15 +177,8 @@ def _rows_step(accs, w, x_ptr, k, K, stride_xm, BLOCK_M: tl.constexpr, BLOCK_K: 
     rk = k + tl.arange(0, BLOCK_K)
     out = ()
     for m in tl.static_range(BLOCK_M):
-        ptrs = x_ptr + m * stride_xm + rk
-        if DEFER:  # 16-bit x: masked lanes load 0, whose code is 0
-            x = tl.load(ptrs, mask=rk < K, other=0.0)
-            x = quantize_with(x.to(tl.float32), scales[m], QMAX, IS_INT).to(code_t)
-        elif EVEN:
-            x = tl.load(ptrs)
-        else:
-            x = tl.load(ptrs, mask=rk < K)
-            x = tl.where(rk < K, x.to(acc_t), 0)
+        x = _x_codes(x_ptr + m * stride_xm + rk, rk < K, None, EVEN, acc_t, DEFER, scales[m],
+                     QMAX, IS_INT, code_t)  # fmt: skip
         out = out + (accs[m] + wa * x.to(acc_t)[None, :],)
     return out
 
@@ -214,13 +208,22 @@ def _x_tile(x_ptr, rm, m_mask, k, K, stride_xm, BLOCK_K: tl.constexpr, EVEN: tl.
     in the compute dtype, returned as its codes (code_t) at the rows' scales x_scale (BM,)."""
     rk = k + tl.arange(0, BLOCK_K)
     ptrs = x_ptr + rm[:, None] * stride_xm + rk[None, :]
-    if DEFER:  # 16-bit x: masked lanes load 0, whose code is 0
-        x = tl.load(ptrs, mask=m_mask[:, None] & (rk < K)[None, :], other=0.0)
-        x = quantize_with(x.to(tl.float32), x_scale[:, None], QMAX, IS_INT).to(code_t)
+    return _x_codes(ptrs, m_mask[:, None] & (rk < K)[None, :], m_mask[:, None], EVEN, acc_t,
+                    DEFER, x_scale[:, None], QMAX, IS_INT, code_t)  # fmt: skip
+
+
+@triton.jit
+def _x_codes(ptrs, mask, even_mask, EVEN: tl.constexpr, acc_t: tl.constexpr,
+             DEFER: tl.constexpr, scale, QMAX: tl.constexpr, IS_INT: tl.constexpr,
+             code_t: tl.constexpr):  # fmt: skip
+    """x at ptrs, zero where not `mask` (EVEN: only `even_mask` masks, None for none). DEFER: x
+    is 16-bit and comes back as its codes (code_t) at `scale` (masked lanes load 0, code 0)."""
+    if DEFER:
+        x = tl.load(ptrs, mask=mask, other=0.0)
+        x = quantize_with(x.to(tl.float32), scale, QMAX, IS_INT).to(code_t)
     elif EVEN:
-        x = tl.load(ptrs, mask=m_mask[:, None])
+        x = tl.load(ptrs, mask=even_mask)
     else:
-        mask = m_mask[:, None] & (rk < K)[None, :]
         x = tl.load(ptrs, mask=mask)
         x = tl.where(mask, x.to(acc_t), 0)
     return x

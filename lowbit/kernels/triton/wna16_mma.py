@@ -36,12 +36,6 @@ MAX_M = 64
 # 11: o at M = 1 8.2 → 7.6 µs, the other shapes 0.1-0.8 µs faster)
 EARLY = True
 SMALL_N_E = 1  # column tiles a warp at M ≤ 8 for N ≤ 8192
-# The split-K finish sums next_pow2(M) rows of the splits' partials, not the x tiles' 8 · MT:
-# at M = 1 one pass over the partials instead of two on o and down (16 splits). H100,
-# benchmarks/RESULTS.md run 14, µs at M = 1, the kernel before this session → now: o 7.53 →
-# 6.93, down 17.0 → 16.5, qkv 9.2 → 8.96. False: all 8 · MT (an A/B switch; today's kernel
-# with it measured o 8.7, down 22.0 — slower than the old kernel, for a reason not found)
-FINISH_EXACT_ROWS = True
 # 9-32 rows of x (MT 2 or 4): programs of `warps` column units whose `kw` warps each take a
 # slice of the split's groups, their sums meeting in the program, instead of four units of one
 # warp. H100, benchmarks/RESULTS.md run 14, µs: M = 16 (1 unit × 2 slices; the kernel before
@@ -308,7 +302,10 @@ def _wna16_mma_kernel(
             v += tl.load(bias_ptr + n).to(tl.float32)
         ptrs = out_ptr + pid_k * stride_os + m * stride_om + n
         tl.store(ptrs, v.to(out_ptr.dtype.element_ty), mask=m < M)
-    if FUSED:  # the tile's last split sums the partials into y
+    # the tile's last split sums the partials into y: FIN_M = next_pow2(M) rows of them, not the
+    # x tiles' 8 · MT — at M = 1 one pass instead of two on o and down (16 splits; H100,
+    # benchmarks/RESULTS.md run 14, µs at M = 1 before → after: o 7.53 → 6.93, down 17.0 → 16.5)
+    if FUSED:
         splitk_last(out_ptr, y_ptr, bias_ptr, cnt_ptr, pid_n, M, N, 0, pid_n * CT * E * 16,
                     stride_os, stride_om, stride_ym, SPLIT, FIN_M, CT * E * 16, FINISH_BIAS,
                     WARPS)  # fmt: skip
@@ -339,7 +336,7 @@ def _config(M: int, N: int, K: int, G: int, **over) -> dict[str, int]:
     warps a unit (each a slice of the split's groups, summed in the program; the program has
     warps · kw warps), `waves` of warps an SM the K splits aim at (whole groups, dividing
     evenly, at most `max_split`; with kw > 1 a split is kw slices of `gpw` groups, 0: as few
-    splits as max_split allows), `fin` (FINISH_EXACT_ROWS)."""
+    splits as max_split allows)."""
     mt = triton.cdiv(M, 8)
     mt = 1 << (mt - 1).bit_length()
     # H100 probes (benchmarks/RESULTS.md run 10): one-warp programs of 2 column tiles, 32
@@ -358,7 +355,7 @@ def _config(M: int, N: int, K: int, G: int, **over) -> dict[str, int]:
              "max_split": 8 if K >= 8192 else 4,
              "early": EARLY}  # fmt: skip
         c.update(SLICED.get(mt, {}))
-    c = {"kw": 1, "gpw": 0, "fin": int(FINISH_EXACT_ROWS), **c}
+    c = {"kw": 1, "gpw": 0, **c}
     if set(over) - set(c):
         raise ValueError(
             f"unknown wna16_mma config keys {sorted(set(over) - set(c))}; use {list(c)}"
@@ -439,8 +436,7 @@ def wna16_mma_gemm(
         GROUP=G, HAS_ZERO=qzeros is not None, HAS_BIAS=bias is not None and split == 1,
         MT=mt, E=e, WARPS=warps * kw, KW=kw, FP16=x.dtype == torch.float16,
         EARLY=bool(cfg["early"]), SPLIT=split, FUSED=o.fused, FINISH_BIAS=bias is not None,
-        FIN_M=triton.next_power_of_2(M) if cfg["fin"] else 8 * mt, **pdl(x.device),
-        num_warps=warps * kw,
+        FIN_M=triton.next_power_of_2(M), **pdl(x.device), num_warps=warps * kw,
     )  # fmt: skip
     return o.result(bias).reshape(*x.shape[:-1], N)
 
