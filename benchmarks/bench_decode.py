@@ -30,7 +30,14 @@ kernel's 9-32-row programs four column units of one warp instead of K slices
 (wna16_mma.SLICED empty), `+shortk` gives its one-row programs over down_proj's long K the
 short-K config (wna16_mma.LONG_K off), `+bn8` keeps the W8A8 GEMV's 8-row blocks on weights
 of ≤ 4096 rows (w8a8_gemm.GEMV_NARROW_N = 0), `+acc3d` runs the W8A8 / 16-bit GEMV's
-(M, BN, BK) accumulator kernel instead of the per-row one (w8a8_gemv.ROW_ACC off); scheme `bf16`
+(M, BN, BK) accumulator kernel instead of the per-row one (w8a8_gemv.ROW_ACC off), `+noattpf`
+reads decode attention's K / V rows without first prefetching them to L2 before the PDL wait
+(paged_decode_attention.PREFETCH_KV off), `+normsw` loads RMSNorm's weight after the wait
+(rms_norm.EARLY_WEIGHT off). What-if
+flags, timing only (wrong numbers): `+skiprms`, `+skipsilu`, `+skipactq` (the W8A8 GEMM's own
+activation quantization), `+skiprope` (rotary + KV store), `+skipattn` (decode attention) run
+that kernel once per shape and reuse its first result, so the step runs without it — the most
+fusing it away could save. Scheme `bf16`
 (unquantized) or one of benchlib.BENCH_SCHEMES, lowbit's own quantized plans over dummy weights
 (benchlib.bench_plan).
 RMSNorm, rotary and SwiGLU run the fused Triton kernels in every variant (the layers call them
@@ -82,12 +89,31 @@ def _time_steps(runner, tok, lens: list[int], tables: list[list[int]], steps: in
     return time.perf_counter() - t0
 
 
+def _skipped(fn):
+    """fn that runs once per argument signature and then returns that first result without
+    launching anything: a what-if variant's step without this kernel (wrong numbers, timing
+    only: the most fusing it away could save)."""
+    memo = {}
+
+    def first_result(*args, **kwargs):
+        key = tuple(
+            (tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else repr(a)
+            for a in (*args, *kwargs.values())
+        )
+        if key not in memo:
+            memo[key] = fn(*args, **kwargs)
+        return memo[key]
+
+    return first_result
+
+
 @contextlib.contextmanager
 def lowbit_decode_flags(variant: str):
     """Apply a variant's `+nopdl` / `+cublas` flags for the block: yields (scheme, flags)."""
     from lowbit.kernels.triton import (
         common,
         paged_decode_attention,
+        rms_norm,
         silu_mul,
         w8a8_gemm,
         w8a8_gemv,
@@ -116,6 +142,17 @@ def lowbit_decode_flags(variant: str):
         "shortk": (wna16_mma, "LONG_K", 1 << 30),
         "bn8": (w8a8_gemm, "GEMV_NARROW_N", 0),
         "acc3d": (w8a8_gemv, "ROW_ACC", False),
+        "noattpf": (paged_decode_attention, "PREFETCH_KV", False),
+        "normsw": (rms_norm, "EARLY_WEIGHT", False),
+        "skiprms": (dispatch, "rms_norm", _skipped(dispatch.rms_norm)),
+        "skipsilu": (dispatch, "silu_mul", _skipped(dispatch.silu_mul)),
+        "skipactq": (w8a8_gemm, "act_quant", _skipped(w8a8_gemm.act_quant)),
+        "skiprope": (dispatch, "rotary_kv_store", _skipped(dispatch.rotary_kv_store)),
+        "skipattn": (
+            dispatch,
+            "paged_decode_attention",
+            _skipped(dispatch.paged_decode_attention),
+        ),  # fmt: skip
     }
     scheme, *flags = variant.split("+")
     if set(flags) - {"eager", "nooverlap", *overrides}:

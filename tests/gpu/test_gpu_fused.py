@@ -16,8 +16,13 @@ pytestmark = pytest.mark.gpu
 
 @pytest.mark.parametrize("T", [1, 17, 129])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_rms_norm(dev, T, with_residual):
-    """RMSNorm.forward (now the fused kernel) == the reference, with and without the residual."""
+@pytest.mark.parametrize("early_weight", [False, True])
+def test_rms_norm(dev, monkeypatch, T, with_residual, early_weight):
+    """RMSNorm.forward (now the fused kernel) == the reference, with and without the residual,
+    the weight loaded before or after the PDL wait."""
+    from lowbit.kernels.triton import rms_norm
+
+    monkeypatch.setattr(rms_norm, "EARLY_WEIGHT", early_weight)
     gen = torch.Generator().manual_seed(T)
     N = 4000  # not a power of two
     norm = RMSNorm(N, 1e-5, ACT_DTYPE).to(dev)
@@ -33,8 +38,13 @@ def test_rms_norm(dev, T, with_residual):
 
 
 @pytest.mark.parametrize("T", [1, 17, 129])
-def test_rotary(dev, T):
-    """RotaryEmbedding.forward (llama3 scaling, fused kernel) == the reference op."""
+@pytest.mark.parametrize("early", [False, True])
+def test_rotary(dev, monkeypatch, T, early):
+    """RotaryEmbedding.forward (llama3 scaling, fused kernel) == the reference op, positions and
+    cos / sin loaded before or after the PDL wait."""
+    from lowbit.kernels.triton import rotary
+
+    monkeypatch.setattr(rotary, "EARLY_TABLES", early)
     gen = torch.Generator().manual_seed(T)
     scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                "high_freq_factor": 4.0, "original_max_position_embeddings": 64}  # fmt: skip

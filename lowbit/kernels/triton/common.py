@@ -213,6 +213,18 @@ def and_or_f32(w, MASK: tl.constexpr, MAGIC: tl.constexpr):
 
 
 @triton.jit
+def prefetch_l2(ptrs, on):
+    """Ask L2 for the 128-byte line at each pointer where `on` (a hint nothing waits on). What a
+    kernel may do before its PDL wait with memory no kernel before it writes, so those bytes
+    come from HBM while the previous kernel still runs. A no-op in the interpreter."""
+    if USE_PTX:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.b32 $0, 0; }",
+            "=r,l,r", [ptrs, on.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+
+
+@triton.jit
 def pdl_enter(PDL: tl.constexpr):
     """The first statement of every kernel launched with `pdl(...)` (before it a kernel may
     only read what no kernel writes, such as weights, and write nothing): wait until the

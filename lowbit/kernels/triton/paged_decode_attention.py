@@ -18,6 +18,7 @@ from lowbit.kernels.triton.common import (
     arrive_last,
     pdl,
     pdl_enter,
+    prefetch_l2,
     reset_arrivals,
     splitk_counters,
 )
@@ -38,6 +39,13 @@ MAX_SPLITS = 32
 # 128-180 tokens (benchmarks/RESULTS.md run 11): w4a16 decode 370 tok/s split into 64-token
 # pieces, 380 as one split (and 364 with splits of at least 128)
 SHORT_CONTEXT = 256
+# Before its PDL wait a program asks L2 for its split's cached K and V rows (the context length
+# and block table come from the host before the step's first kernel; the one row the previous
+# kernel writes is only prefetched early, then read after the wait) — where the launch has
+# splits (few sequences: the GPU is not filled). H100 (benchmarks/RESULTS.md run 15), decode
+# tok/s off → on: batch 1 fp8 287 / 288 → 290 / 290, w4a16 408 / 409 → 410 / 409; at batch 64
+# (one split) it cost 1-2 % (fp8 11,730 → 11,473), hence not there. An A/B switch.
+PREFETCH_KV = True
 
 
 @triton.jit
@@ -58,14 +66,29 @@ def _paged_decode_attention_kernel(
     GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     IS_FP8: tl.constexpr, FUSED_MERGE: tl.constexpr, SHORT: tl.constexpr,
-    PDL: tl.constexpr,
+    PREFETCH: tl.constexpr, PF_TOKENS: tl.constexpr, PF_LINES: tl.constexpr,
+    LINE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    pdl_enter(PDL)
+    if not PREFETCH:
+        pdl_enter(PDL)
     b = tl.program_id(0)
     hkv = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(lens_ptr + b)
     per_split, active = _active_splits(seq_len, NUM_SPLITS, BLOCK_N, SHORT)
+    if PREFETCH:  # PF_TOKENS rows a pass, one a thread, PF_LINES lines of LINE elements a row
+        if split < active:
+            end = tl.minimum(split * per_split + per_split, seq_len)
+            for s in range(split * per_split, end, PF_TOKENS):
+                tok = s + tl.arange(0, PF_TOKENS)
+                on = tok < end
+                block = tl.load(table_ptr + b * stride_tb + tok // BLOCK_SIZE, mask=on, other=0)
+                row = (block.to(tl.int64) * BLOCK_SIZE + tok % BLOCK_SIZE) * stride_ks
+                for line in tl.static_range(PF_LINES):
+                    off = row + hkv * stride_kh + line * LINE
+                    prefetch_l2(k_ptr + off, on)
+                    prefetch_l2(v_ptr + off, on)
+        pdl_enter(PDL)
     if split < active:  # the splits past the context have nothing to do, not even arrive
         _attend(q_ptr, k_ptr, v_ptr, table_ptr, out_ptr, part_ptr, ml_ptr, cnt_ptr, scale,
                 k_scale, v_scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_tb,
@@ -241,7 +264,9 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, NUM_SPLITS=splits,
         IS_FP8=k_cache.dtype.itemsize == 1, FUSED_MERGE=counters is not None,
-        SHORT=SHORT_CONTEXT, **pdl(q.device), num_warps=NUM_WARPS,
+        SHORT=SHORT_CONTEXT, PREFETCH=PREFETCH_KV and splits > 1, PF_TOKENS=32 * NUM_WARPS,
+        PF_LINES=triton.cdiv(D * k_cache.element_size(), 128), LINE=128 // k_cache.element_size(),
+        **pdl(q.device), num_warps=NUM_WARPS,
         num_stages=ONE_SPLIT_STAGES if splits == 1 and k_cache.dtype.itemsize == 2 else NUM_STAGES,
     )  # fmt: skip
     if splits > 1 and counters is None:
