@@ -23,7 +23,8 @@ would), `+unfusedq` quantizes W8A8 inputs in the GEMMs instead of in RMSNorm / S
 (LOWBIT_FUSE_ACT_QUANT=0), `+torchargmax` picks greedy tokens with torch's argmax instead of
 the split Triton one (dispatch.SPLIT_ARGMAX off), `+notiled` keeps wide int4 weights at 33-64
 rows on the small-M kernel (dispatch.WNA16_MMA_TILED off), `+early8` loads the first weight
-tile of the W8A8 / 16-bit GEMVs before the PDL wait (w8a8_gemv.EARLY on), `+nodefer`
+tile of every W8A8 / 16-bit GEMV before the PDL wait (w8a8_gemv.EARLY_DTYPES all; `+noearly8`
+none, the default is fp8's), `+nodefer`
 quantizes a one-row SwiGLU in its own one-program pass instead of in the W8A8 GEMV
 (silu_mul.DEFER_DTYPES empty), `+deferfp8` defers fp8 too, `+unsliced` gives the `mma16`
 kernel's 9-32-row programs four column units of one warp instead of K slices
@@ -135,7 +136,12 @@ def lowbit_decode_flags(variant: str):
         "e2": (wna16_mma, "SMALL_N_E", 2),
         "torchargmax": (dispatch, "SPLIT_ARGMAX", False),
         "notiled": (dispatch, "WNA16_MMA_TILED", False),
-        "early8": (w8a8_gemv, "EARLY", True),
+        "early8": (
+            w8a8_gemv,
+            "EARLY_DTYPES",
+            (torch.float8_e4m3fn, torch.int8, torch.bfloat16, torch.float16),
+        ),
+        "noearly8": (w8a8_gemv, "EARLY_DTYPES", ()),
         "nodefer": (silu_mul, "DEFER_DTYPES", ()),
         "deferfp8": (silu_mul, "DEFER_DTYPES", (torch.int8, torch.float8_e4m3fn)),
         "unsliced": (wna16_mma, "SLICED", {}),

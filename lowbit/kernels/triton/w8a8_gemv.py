@@ -33,10 +33,11 @@ from lowbit.kernels.triton.common import (
 NUM_SMS = 132
 MAX_M = 2  # every row is a register accumulator of BLOCK_N × BLOCK_K
 # A program's first weight tile is loaded before the PDL wait (weights are never written by a
-# kernel; x is read after it), as the `mma16` kernel's EARLY: off, no clear gain on the H100
-# (benchmarks/RESULTS.md run 13, batch-1 tok/s off → on: fp8 269 → 263, int8 271 → 275, bf16
-# 173 → 175; fp8 GEMV at M = 1 slower on qkv and o); bench_decode.py `+early8`.
-EARLY = False
+# kernel; x is read after it), as the `mma16` kernel's EARLY, for weights of these dtypes. H100
+# batch-1 decode tok/s, off → on: run 13 (the 3-D kernel) fp8 269 → 263, int8 271 → 275, bf16
+# 173 → 175; run 15 (per-row kernel, after the early RMSNorm loads) fp8 295 / 294 → 298 / 296,
+# int8 288 / 288 → 285 / 286, bf16 178 → 175 — so fp8 only. bench_decode.py `+early8` (all).
+EARLY_DTYPES = (torch.float8_e4m3fn,)
 # FP8 and 16-bit weights take the per-row accumulators (the kernel's ROWS): the (M, BN, BK)
 # accumulator's layout made Triton read each weight tile back from shared memory one byte a
 # load (sm_90 SASS of the qkv config: 184 instructions a 32-weight tile, 39 of them LDS); the
@@ -60,7 +61,8 @@ def _config(
     waves: int = 4,
     early: int | None = None,
 ) -> tuple[int, int, int, int, int, bool]:
-    """(BLOCK_N, BLOCK_K, per_split tiles, num_warps, num_stages, early; None: EARLY).
+    """(BLOCK_N, BLOCK_K, per_split tiles, num_warps, num_stages, early; None: by the weight's
+    dtype, EARLY_DTYPES).
 
     Splits aim at `waves` programs an SM, in whole BLOCK_K tiles that divide evenly.
     """
@@ -69,7 +71,7 @@ def _config(
     rows = triton.cdiv(N, bn)
     want = max(1, (waves * NUM_SMS) // rows)
     per_split = max(1, triton.cdiv(tiles, want))
-    return bn, bk, per_split, warps, stages, EARLY if early is None else bool(early)
+    return bn, bk, per_split, warps, stages, None if early is None else bool(early)
 
 
 @triton.jit
@@ -295,7 +297,8 @@ def _gemv(xq, xs, weight, ws, bias, out_dtype, cfg, qmax: float | None = None) -
         HAS_BIAS=bias is not None and split == 1,
         BLOCK_M=triton.next_power_of_2(M), BLOCK_N=bn, BLOCK_K=bk, PER_SPLIT=per_split,
         EVEN=even, STAGES=stages, SPLIT=split, FUSED=o.fused,
-        FINISH_BIAS=bias is not None, WARPS=warps, EARLY=early, DEFER=defer,
+        FINISH_BIAS=bias is not None, WARPS=warps,
+        EARLY=weight.dtype in EARLY_DTYPES if early is None else early, DEFER=defer,
         N_AMAX=xs.shape[1] if defer else 1,
         BLOCK_AMAX=triton.next_power_of_2(xs.shape[1]) if defer else 1, QMAX=float(qmax or 0.0),
         EPS=EPS, ROWS=ROW_ACC and weight.dtype != torch.int8,  # BLOCK_M == M (≤ 2)
