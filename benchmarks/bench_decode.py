@@ -34,12 +34,11 @@ of ≤ 4096 rows (w8a8_gemm.GEMV_NARROW_N = 0), `+acc3d` runs the W8A8 / 16-bit 
 (M, BN, BK) accumulator kernel instead of the per-row one (w8a8_gemv.ROW_ACC off), `+noattpf`
 reads decode attention's K / V rows without first prefetching them to L2 before the PDL wait
 (paged_decode_attention.PREFETCH_KV off), `+normsw` loads RMSNorm's weight after the wait
-(rms_norm.EARLY_WEIGHT off), `+normsr` its settled residual too (rms_norm.EARLY_RESIDUAL off).
-What-if flags, timing only (wrong numbers): `+skiprms`, `+skipsilu`, `+skipactq` (the W8A8
-GEMM's own activation quantization), `+skiprope` (rotary + KV store), `+skipattn` (decode
-attention) run that kernel once per shape and reuse its first result, so the step runs without
-it — the most fusing it away could save. Scheme `bf16` (unquantized) or one of
-benchlib.BENCH_SCHEMES, lowbit's own quantized plans over dummy weights
+(rms_norm.EARLY_WEIGHT off). What-if flags, timing only (wrong numbers): `+skiprms`,
+`+skipsilu`, `+skipactq` (the W8A8 GEMM's own activation quantization), `+skiprope` (rotary +
+KV store), `+skipattn` (decode attention) run that kernel once per shape and reuse its first
+result, so the step runs without it — the most fusing it away could save. Scheme `bf16`
+(unquantized) or one of benchlib.BENCH_SCHEMES, lowbit's own quantized plans over dummy weights
 (benchlib.bench_plan).
 RMSNorm, rotary and SwiGLU run the fused Triton kernels in every variant (the layers call them
 since run 4; runs 1–3 had a `+fused` flag that patched them in).
@@ -150,7 +149,6 @@ def lowbit_decode_flags(variant: str):
         "acc3d": (w8a8_gemv, "ROW_ACC", False),
         "noattpf": (paged_decode_attention, "PREFETCH_KV", False),
         "normsw": (rms_norm, "EARLY_WEIGHT", False),
-        "normsr": (rms_norm, "EARLY_RESIDUAL", False),
         "skiprms": (dispatch, "rms_norm", _skipped(dispatch.rms_norm)),
         "skipsilu": (dispatch, "silu_mul", _skipped(dispatch.silu_mul)),
         "skipactq": (w8a8_gemm, "act_quant", _skipped(w8a8_gemm.act_quant)),

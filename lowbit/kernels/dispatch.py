@@ -412,25 +412,14 @@ def int8_gemm(
 # ---- fused elementwise (decode-path launch count) ----
 
 
-def rms_norm(
-    x: Tensor,
-    weight: Tensor,
-    eps: float,
-    residual: Tensor | None = None,
-    quant=None,
-    settled: bool = False,
-):
+def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None, quant=None):
     """RMSNorm (with the residual add fused when `residual` is given). `quant` is a W8A8
     consumer's (dtype, qmax) (`Linear.input_quant`): where `fuses_act_quant`, the output is
-    quantized per token in the same kernel and comes as a QuantizedActivation. `settled`: the
-    residual was written at least two kernels before this one, so the kernel may read it before
-    its PDL wait (every kernel waits before it lets the next one launch, so the one before the
-    previous has finished); the same result either way."""
+    quantized per token in the same kernel and comes as a QuantizedActivation."""
     if quant is not None and not fuses_act_quant(x.device, quant[0]):
         quant = None
     if use_triton(x.device):
-        return _triton("rms_norm", "rms_norm")(x, weight, eps, residual, quant=quant,
-                                               settled=settled)  # fmt: skip
+        return _triton("rms_norm", "rms_norm")(x, weight, eps, residual, quant=quant)
     out = _reference("rms_norm")(x, weight, eps, residual)
     if quant is None:
         return out

@@ -16,11 +16,10 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(size, dtype=dtype), requires_grad=False)
 
-    def forward(self, x: Tensor, residual: Tensor | None = None, quant=None, settled=False):
+    def forward(self, x: Tensor, residual: Tensor | None = None, quant=None):
         """Normalize `x` (…, size); with `residual`, add it first and also return the sum.
 
         `quant` is the consumer's `input_quant()` (a W8A8 linear's per-token activation dtype
         and qmax): where the kernels fuse it, the output comes quantized
-        (a dispatch.QuantizedActivation). `settled`: the residual was written at least two
-        kernels before this one (a decoder's residual stream; see `dispatch.rms_norm`)."""
-        return dispatch.rms_norm(x, self.weight, self.eps, residual, quant, settled)
+        (a dispatch.QuantizedActivation)."""
+        return dispatch.rms_norm(x, self.weight, self.eps, residual, quant)

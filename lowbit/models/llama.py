@@ -94,11 +94,11 @@ class DecoderLayer(nn.Module):
         quant = self.self_attn.qkv_proj.input_quant()
         if residual is None:
             residual, x = x, self.input_layernorm(x, quant=quant)
-        else:  # the residual comes from the last layer's second norm: settled (rms_norm)
-            x, residual = self.input_layernorm(x, residual, quant=quant, settled=True)
+        else:
+            x, residual = self.input_layernorm(x, residual, quant=quant)
         x = self.self_attn(x, positions, rotary, meta, cache)
         quant = self.mlp.gate_up_proj.input_quant()
-        x, residual = self.post_attention_layernorm(x, residual, quant=quant, settled=True)
+        x, residual = self.post_attention_layernorm(x, residual, quant=quant)
         return self.mlp(x), residual
 
 
@@ -152,7 +152,7 @@ class LlamaForCausalLM(nn.Module):
         x, residual = self.model.embed_tokens(ids), None
         for layer, cache in zip(self.model.layers, caches, strict=True):
             x, residual = layer(x, residual, positions, self.rotary, meta, cache)
-        x, _ = self.model.norm(x, residual, settled=True)  # last written by the last layer's norm
+        x, _ = self.model.norm(x, residual)
         return x
 
     def compute_logits(self, hidden: Tensor) -> Tensor:

@@ -69,32 +69,42 @@ def _paged_decode_attention_kernel(
     PREFETCH: tl.constexpr, PF_TOKENS: tl.constexpr, PF_LINES: tl.constexpr,
     LINE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    if not PREFETCH:
-        pdl_enter(PDL)
     b = tl.program_id(0)
     hkv = tl.program_id(1)
     split = tl.program_id(2)
-    seq_len = tl.load(lens_ptr + b)
-    per_split, active = _active_splits(seq_len, NUM_SPLITS, BLOCK_N, SHORT)
-    if PREFETCH:  # PF_TOKENS rows a pass, one a thread, PF_LINES lines of LINE elements a row
+    if PREFETCH:  # the context length and block table are the host's: readable before the wait
+        seq_len = tl.load(lens_ptr + b)
+        per_split, active = _active_splits(seq_len, NUM_SPLITS, BLOCK_N, SHORT)
         if split < active:
-            end = tl.minimum(split * per_split + per_split, seq_len)
-            for s in range(split * per_split, end, PF_TOKENS):
-                tok = s + tl.arange(0, PF_TOKENS)
-                on = tok < end
-                block = tl.load(table_ptr + b * stride_tb + tok // BLOCK_SIZE, mask=on, other=0)
-                row = (block.to(tl.int64) * BLOCK_SIZE + tok % BLOCK_SIZE) * stride_ks
-                for line in tl.static_range(PF_LINES):
-                    off = row + hkv * stride_kh + line * LINE
-                    prefetch_l2(k_ptr + off, on)
-                    prefetch_l2(v_ptr + off, on)
-        pdl_enter(PDL)
+            _prefetch_kv(k_ptr, v_ptr, table_ptr, b * stride_tb, hkv * stride_kh, stride_ks,
+                         split * per_split, tl.minimum(split * per_split + per_split, seq_len),
+                         BLOCK_SIZE, PF_TOKENS, PF_LINES, LINE)  # fmt: skip
+    pdl_enter(PDL)
+    if not PREFETCH:
+        seq_len = tl.load(lens_ptr + b)
+        per_split, active = _active_splits(seq_len, NUM_SPLITS, BLOCK_N, SHORT)
     if split < active:  # the splits past the context have nothing to do, not even arrive
         _attend(q_ptr, k_ptr, v_ptr, table_ptr, out_ptr, part_ptr, ml_ptr, cnt_ptr, scale,
                 k_scale, v_scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_tb,
                 stride_ob, stride_oh, b, hkv, split, seq_len, per_split, active, GROUP,
                 GROUP_PAD, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, NUM_SPLITS, IS_FP8,
                 FUSED_MERGE)  # fmt: skip
+
+
+@triton.jit
+def _prefetch_kv(k_ptr, v_ptr, table_ptr, table_off, head_off, stride_ks, start, end,
+                 BLOCK_SIZE: tl.constexpr, PF_TOKENS: tl.constexpr, PF_LINES: tl.constexpr,
+                 LINE: tl.constexpr):  # fmt: skip
+    """Ask L2 for the K and V rows of tokens [start, end): PF_TOKENS rows a pass (one a
+    thread), PF_LINES lines of LINE elements a row (`common.prefetch_l2`)."""
+    for s in range(start, end, PF_TOKENS):
+        tok = s + tl.arange(0, PF_TOKENS)
+        on = tok < end
+        block = tl.load(table_ptr + table_off + tok // BLOCK_SIZE, mask=on, other=0)
+        row = (block.to(tl.int64) * BLOCK_SIZE + tok % BLOCK_SIZE) * stride_ks + head_off
+        for line in tl.static_range(PF_LINES):
+            prefetch_l2(k_ptr + row + line * LINE, on)
+            prefetch_l2(v_ptr + row + line * LINE, on)
 
 
 @triton.jit

@@ -19,8 +19,6 @@ from lowbit.kernels.triton.common import pdl, pdl_enter
 # H100, batch-1 decode tok/s (benchmarks/RESULTS.md run 15, off → on): fp8 287 → 291, w4a16 408
 # → 409; batch 64 unchanged (fp8 11,730 → 11,683, w4a16 7,621 → 7,658). An A/B switch.
 EARLY_WEIGHT = True
-# A `settled` residual is loaded before the PDL wait too: on / off (an A/B switch)
-EARLY_RESIDUAL = True
 
 
 @triton.jit
@@ -28,24 +26,18 @@ def _rms_norm_kernel(
     x_ptr, r_ptr, w_ptr, out_ptr, rout_ptr, s_ptr, N, eps,
     stride_x, stride_r, stride_o, stride_ro,
     HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, QUANT: tl.constexpr, QMAX: tl.constexpr,
-    IS_INT: tl.constexpr, EPS: tl.constexpr, EARLY_W: tl.constexpr, EARLY_R: tl.constexpr,
+    IS_INT: tl.constexpr, EPS: tl.constexpr, EARLY_W: tl.constexpr,
     PDL: tl.constexpr,
 ):  # fmt: skip
-    """EARLY_W: the weight loads before the PDL wait; EARLY_R: the residual too (a settled one,
-    read at L2: `rms_norm`'s `settled`)."""
-    row = tl.program_id(0)
     cols = tl.arange(0, BLOCK)
     mask = cols < N
     if EARLY_W:
         w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    if EARLY_R:
-        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0, cache_modifier=".cg")
     pdl_enter(PDL)
+    row = tl.program_id(0)
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        if not EARLY_R:
-            r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
-        x = x + r
+        x = x + tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0)
         tl.store(rout_ptr + row * stride_ro + cols, x, mask=mask)
     xf = x.to(tl.float32)
     var = tl.sum(xf * xf, axis=0) / N
@@ -59,21 +51,13 @@ def _rms_norm_kernel(
     tl.store(out_ptr + row * stride_o + cols, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def rms_norm(
-    x: Tensor,
-    weight: Tensor,
-    eps: float,
-    residual: Tensor | None = None,
-    quant=None,
-    settled: bool = False,
-):
+def rms_norm(x: Tensor, weight: Tensor, eps: float, residual: Tensor | None = None, quant=None):
     """RMSNorm of x (…, N); with `residual`, normalize x + residual and also return the sum.
 
     x, residual  (…, N)   same dtype
     weight       (N,)
     quant        None, or (dtype, qmax): the output quantized per token (int8 / float8_e4m3fn,
                  scale = absmax / qmax) and returned as a dispatch.QuantizedActivation
-    settled      the residual was written at least two kernels back: read before the PDL wait
     returns      out (…, N)  [, new residual (…, N)]
     """
     N = x.shape[-1]
@@ -96,8 +80,7 @@ def rms_norm(
             x2.stride(0), r2.stride(0), out.stride(0), rout.stride(0),
             HAS_RESIDUAL=residual is not None, BLOCK=block, QUANT=quant is not None,
             QMAX=float(qmax or QMAX.get(qdtype, 1.0)), IS_INT=qdtype == torch.int8, EPS=EPS,
-            EARLY_W=EARLY_WEIGHT, EARLY_R=EARLY_RESIDUAL and settled and residual is not None,
-            **pdl(x2.device),
+            EARLY_W=EARLY_WEIGHT, **pdl(x2.device),
             num_warps=min(16, max(1, block // 512)),
         )  # fmt: skip
     if quant is None:

@@ -60,9 +60,9 @@ def _config(
     stages: int = 1,
     waves: int = 4,
     early: int | None = None,
-) -> tuple[int, int, int, int, int, bool]:
-    """(BLOCK_N, BLOCK_K, per_split tiles, num_warps, num_stages, early; None: by the weight's
-    dtype, EARLY_DTYPES).
+) -> tuple[int, int, int, int, int, bool | None]:
+    """(BLOCK_N, BLOCK_K, per_split tiles, num_warps, num_stages, early; None: `_gemv` decides
+    by the weight's dtype, EARLY_DTYPES).
 
     Splits aim at `waves` programs an SM, in whole BLOCK_K tiles that divide evenly.
     """
