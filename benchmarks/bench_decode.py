@@ -20,26 +20,24 @@ LOWBIT_PDL=0 would), `+cublas` keeps unquantized linears on cuBLAS at M = 1
 (dispatch.GEMV16_MAX_M = 0), `+twolaunch` sums split-K partials (and attention splits) in a
 second launch instead of in the kernel (common.FUSED_SPLITK off, as LOWBIT_FUSED_SPLITK=0
 would), `+unfusedq` quantizes W8A8 inputs in the GEMMs instead of in RMSNorm / SwiGLU
-(LOWBIT_FUSE_ACT_QUANT=0), `+torchargmax` picks greedy tokens with torch's argmax instead of
-the split Triton one (dispatch.SPLIT_ARGMAX off), `+notiled` keeps wide int4 weights at 33-64
-rows on the small-M kernel (dispatch.WNA16_MMA_TILED off), `+early8` loads the first weight
-tile of every W8A8 / 16-bit GEMV before the PDL wait (w8a8_gemv.EARLY_DTYPES all; `+noearly8`
-none, the default is fp8's), `+nodefer`
-quantizes a one-row SwiGLU in its own one-program pass instead of in the W8A8 GEMV
-(silu_mul.DEFER_DTYPES empty), `+deferfp8` defers fp8 too, `+unsliced` gives the `mma16`
-kernel's 9-32-row programs four column units of one warp instead of K slices
-(wna16_mma.SLICED empty), `+shortk` gives its one-row programs over down_proj's long K the
-short-K config (wna16_mma.LONG_K off), `+bn8` keeps the W8A8 GEMV's 8-row blocks on weights
-of ≤ 4096 rows (w8a8_gemm.GEMV_NARROW_N = 0), `+acc3d` runs the W8A8 / 16-bit GEMV's
-(M, BN, BK) accumulator kernel instead of the per-row one (w8a8_gemv.ROW_ACC off), `+noattpf`
-reads decode attention's K / V rows without first prefetching them to L2 before the PDL wait
-(paged_decode_attention.PREFETCH_KV off), `+normsw` loads RMSNorm's weight after the wait
-(rms_norm.EARLY_WEIGHT off). What-if flags, timing only (wrong numbers): `+skiprms`,
-`+skipsilu`, `+skipactq` (the W8A8 GEMM's own activation quantization), `+skiprope` (rotary +
-KV store), `+skipattn` (decode attention) run that kernel once per shape and reuse its first
-result, so the step runs without it — the most fusing it away could save. Scheme `bf16`
-(unquantized) or one of benchlib.BENCH_SCHEMES, lowbit's own quantized plans over dummy weights
-(benchlib.bench_plan).
+(LOWBIT_FUSE_ACT_QUANT=0), `+torchargmax` picks greedy tokens with torch's argmax instead of the
+split Triton one (dispatch.SPLIT_ARGMAX off), `+notiled` keeps wide int4 weights at 33-64 rows on
+the small-M kernel (dispatch.WNA16_MMA_TILED off), `+early8` loads the first weight tile of every
+W8A8 / 16-bit GEMV before the PDL wait (w8a8_gemv.EARLY_DTYPES all; `+noearly8` none, the default
+is fp8's), `+nodefer` quantizes a one-row SwiGLU in its own one-program pass instead of in the W8A8
+GEMV (silu_mul.DEFER_DTYPES empty), `+deferfp8` defers fp8 too, `+unsliced` gives the `mma16`
+kernel's 9-32-row programs four column units of one warp instead of K slices (wna16_mma.SLICED
+empty), `+shortk` gives its one-row programs over down_proj's long K the short-K config
+(wna16_mma.LONG_K off), `+bn8` keeps the W8A8 GEMV's 8-row blocks on weights of ≤ 4096 rows
+(w8a8_gemm.GEMV_NARROW_N = 0), `+acc3d` runs the W8A8 / 16-bit GEMV's (M, BN, BK) accumulator
+kernel instead of the per-row one (w8a8_gemv.ROW_ACC off), `+noattpf` reads decode attention's K /
+V rows without first prefetching them to L2 before the PDL wait (paged_decode_attention.PREFETCH_KV
+off), `+normsw` loads RMSNorm's weight after the wait (rms_norm.EARLY_WEIGHT off). What-if flags,
+timing only (wrong numbers): `+skiprms`, `+skipsilu`, `+skipactq` (the W8A8 GEMM's own activation
+quantization), `+skiprope` (rotary + KV store), `+skipattn` (decode attention) run that kernel once
+per shape and reuse its first result, so the step runs without it — the most fusing it away could
+save. Scheme `bf16` (unquantized) or one of benchlib.BENCH_SCHEMES, lowbit's own quantized plans
+over dummy weights (benchlib.bench_plan).
 RMSNorm, rotary and SwiGLU run the fused Triton kernels in every variant (the layers call them
 since run 4; runs 1–3 had a `+fused` flag that patched them in).
 """
