@@ -48,11 +48,11 @@ SHORT_CONTEXT = 256
 PREFETCH_KV = True
 # Launches of several splits (few sequences) take a context of up to SHORT_CONTEXT tokens in one
 # pass instead of the loop: the whole context is one (SHORT_CONTEXT, D) tile, and every row but
-# the sequence's last is loaded before the PDL wait, straight into registers. That is sound
-# because `pdl_enter` lets a kernel launch only once the one before it has passed its own wait:
-# while this kernel waits, everything before the previous kernel has finished, and the previous
-# kernel (decode's rotary + KV store) writes only each sequence's last row, read after the wait.
-# So after the wait only q and the new row are loaded. ONE_SHOT_WARPS warps hold the tile. An A/B
+# the sequence's last is loaded before the PDL wait, straight into registers. That is sound:
+# those rows were written by earlier forward passes, which finished before this one began (a
+# pass starts with host copies and torch kernels, which PDL does not chain), and within a pass
+# decode writes only each sequence's last row (the rotary + KV store launch right before this
+# one), which is read after the wait, with q. ONE_SHOT_WARPS warps hold the tile. An A/B
 # switch.
 ONE_SHOT = True
 ONE_SHOT_WARPS = 8

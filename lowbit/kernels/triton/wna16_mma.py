@@ -32,9 +32,10 @@ from lowbit.kernels.triton.common import SplitKOutputs, pdl, pdl_enter, splitk_l
 
 NUM_SMS = 132
 MAX_M = 64
-# the first group's weight loads go out before the PDL wait (H100, benchmarks/RESULTS.md run
-# 11: o at M = 1 8.2 → 7.6 µs, the other shapes 0.1-0.8 µs faster)
-EARLY = True
+# the first EARLY groups' weight loads of a warp go out before the PDL wait (H100,
+# benchmarks/RESULTS.md run 11, one group: o at M = 1 8.2 → 7.6 µs, the other shapes 0.1-0.8 µs
+# faster); 0, 1 or 2
+EARLY = 1
 SMALL_N_E = 1  # column tiles a warp at M ≤ 8 for N ≤ 8192
 # 9-32 rows of x (MT 2 or 4): programs of `warps` column units whose `kw` warps each take a
 # slice of the split's groups, their sums meeting in the program, instead of four units of one
@@ -260,19 +261,26 @@ def _wna16_mma_kernel(
         g_lo = pid_k * groups_per_split
     # Weights are never written by a kernel, so with PDL the first group's weight loads may go
     # out before the wait for the previous kernel (which x comes from): EARLY
-    if EARLY:
+    # (EARLY groups: 0, 1 or 2, at most the warp's)
+    if EARLY >= 1:
         first = _fetch_w(w_base, s_ptr, z_ptr, g_lo, cg, j0, g, stride_sg, stride_zg, GROUP,
                          HAS_ZERO, E)  # fmt: skip
+    if EARLY >= 2:
+        second = _fetch_w(w_base, s_ptr, z_ptr, g_lo + 1, cg, j0, g, stride_sg, stride_zg,
+                          GROUP, HAS_ZERO, E)  # fmt: skip
     pdl_enter(PDL)
     zero = tl.zeros([32 * WARPS], tl.float32)
     acc = (zero,) * (4 * MT * E)  # word e's tile t register i at 4 (MT e + t) + i
     S_DTYPE: tl.constexpr = s_ptr.dtype.element_ty
-    if EARLY:
+    if EARLY >= 1:
         acc = _group(acc, first, x_ptr, xz_ptr, g_lo, cg, j0, g, c, M, stride_xm, GROUP,
+                     HAS_ZERO, MT, E, WARPS, FP16, S_DTYPE)  # fmt: skip
+    if EARLY >= 2:
+        acc = _group(acc, second, x_ptr, xz_ptr, g_lo + 1, cg, j0, g, c, M, stride_xm, GROUP,
                      HAS_ZERO, MT, E, WARPS, FP16, S_DTYPE)  # fmt: skip
     # the loads are inline PTX, which Triton's pipeliner does not prefetch (carrying the next
     # group's loads through the loop by hand measured slower: benchmarks/RESULTS.md run 11)
-    for i in range(1 if EARLY else 0, per_warp):
+    for i in range(EARLY, per_warp):
         grp = g_lo + i
         wz = _fetch_w(w_base, s_ptr, z_ptr, grp, cg, j0, g, stride_sg, stride_zg, GROUP,
                       HAS_ZERO, E)  # fmt: skip
@@ -435,7 +443,8 @@ def wna16_mma_gemm(
         o.part.stride(0), o.part.stride(1), o.out.stride(0),
         GROUP=G, HAS_ZERO=qzeros is not None, HAS_BIAS=bias is not None and split == 1,
         MT=mt, E=e, WARPS=warps * kw, KW=kw, FP16=x.dtype == torch.float16,
-        EARLY=bool(cfg["early"]), SPLIT=split, FUSED=o.fused, FINISH_BIAS=bias is not None,
+        EARLY=min(int(cfg["early"]), cfg["per_split"] // kw), SPLIT=split, FUSED=o.fused,
+        FINISH_BIAS=bias is not None,
         FIN_M=triton.next_power_of_2(M), **pdl(x.device), num_warps=warps * kw,
     )  # fmt: skip
     return o.result(bias).reshape(*x.shape[:-1], N)
