@@ -7,8 +7,7 @@ Each (variant, batch, context, cache dtype) builds a paged cache of random K/V (
 shuffled blocks), then times a CUDA graph of 32 calls over 32 distinct caches (one a layer, as
 in a decode step) and reports µs a call. A variant sets the module's knobs for its rows:
 bn (BLOCK_N), stages (NUM_STAGES), stages1 (ONE_SPLIT_STAGES: launches of one split), warps
-(NUM_WARPS), short (SHORT_CONTEXT), oneshot (ONE_SHOT: 0 or 1), oswarps (ONE_SHOT_WARPS),
-splits (the launch's num_splits; default: num_splits_for).
+(NUM_WARPS), short (SHORT_CONTEXT), splits (the launch's num_splits; default: num_splits_for).
 """
 
 from __future__ import annotations
@@ -22,8 +21,7 @@ from benchlib import environment, print_table, save
 from lowbit.kernels.triton import paged_decode_attention as pda
 
 KNOBS = {"bn": "BLOCK_N", "stages": "NUM_STAGES", "stages1": "ONE_SPLIT_STAGES",
-         "warps": "NUM_WARPS", "short": "SHORT_CONTEXT", "oneshot": "ONE_SHOT",
-         "oswarps": "ONE_SHOT_WARPS"}  # fmt: skip
+         "warps": "NUM_WARPS", "short": "SHORT_CONTEXT"}  # fmt: skip
 H, HKV, D, BLOCK = 32, 8, 128, 16
 LAYERS = 32
 

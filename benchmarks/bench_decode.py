@@ -32,17 +32,13 @@ empty), `+shortk` gives its one-row programs over down_proj's long K the short-K
 (w8a8_gemm.GEMV_NARROW_N = 0), `+acc3d` runs the W8A8 / 16-bit GEMV's (M, BN, BK) accumulator
 kernel instead of the per-row one (w8a8_gemv.ROW_ACC off), `+noattpf` reads decode attention's K /
 V rows without first prefetching them to L2 before the PDL wait (paged_decode_attention.PREFETCH_KV
-off), `+normsw` loads RMSNorm's weight after the wait (rms_norm.EARLY_WEIGHT off), `+loopatt` runs
-short contexts of few sequences through attention's loop instead of its one pass
-(paged_decode_attention.ONE_SHOT off), `+os16` / `+os4` give the one pass 16 / 4 warps
-(ONE_SHOT_WARPS), `+late` / `+early2` load none / two of the `mma16` GEMV's weight groups
-before the PDL wait (wna16_mma.EARLY, default 1), `+trigfirst` lets each kernel launch the next
-before its own PDL wait (common.TRIGGER_FIRST). What-if flags, timing only (wrong numbers):
-`+skiprms`, `+skipsilu`, `+skipactq` (the W8A8 GEMM's own activation quantization), `+skiprope`
-(rotary + KV store), `+skipattn` (decode attention) run that kernel once per shape and reuse its
-first result, so the step runs without it — the most fusing it away could save. Scheme `bf16`
-(unquantized) or one of benchlib.BENCH_SCHEMES, lowbit's own quantized plans over dummy weights
-(benchlib.bench_plan).
+off), `+normsw` loads RMSNorm's weight after the wait (rms_norm.EARLY_WEIGHT off), `+late` /
+`+early2` load none / two of the `mma16` GEMV's weight groups before the PDL wait (wna16_mma.EARLY,
+default 1). What-if flags, timing only (wrong numbers): `+skiprms`, `+skipsilu`, `+skipactq` (the
+W8A8 GEMM's own activation quantization), `+skiprope` (rotary + KV store), `+skipattn` (decode
+attention) run that kernel once per shape and reuse its first result, so the step runs without it —
+the most fusing it away could save. Scheme `bf16` (unquantized) or one of benchlib.BENCH_SCHEMES,
+lowbit's own quantized plans over dummy weights (benchlib.bench_plan).
 RMSNorm, rotary and SwiGLU run the fused Triton kernels in every variant (the layers call them
 since run 4; runs 1–3 had a `+fused` flag that patched them in).
 """
@@ -152,10 +148,6 @@ def lowbit_decode_flags(variant: str):
         "bn8": (w8a8_gemm, "GEMV_NARROW_N", 0),
         "acc3d": (w8a8_gemv, "ROW_ACC", False),
         "noattpf": (paged_decode_attention, "PREFETCH_KV", False),
-        "loopatt": (paged_decode_attention, "ONE_SHOT", False),
-        "os16": (paged_decode_attention, "ONE_SHOT_WARPS", 16),
-        "os4": (paged_decode_attention, "ONE_SHOT_WARPS", 4),
-        "trigfirst": (common, "TRIGGER_FIRST", True),
         "normsw": (rms_norm, "EARLY_WEIGHT", False),
         "skiprms": (dispatch, "rms_norm", _skipped(dispatch.rms_norm)),
         "skipsilu": (dispatch, "silu_mul", _skipped(dispatch.silu_mul)),

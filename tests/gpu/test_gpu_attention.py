@@ -42,21 +42,18 @@ def _tables(seq_lens, num_blocks, gen):
 @pytest.mark.parametrize("cache_dtype", [ACT_DTYPE, torch.float8_e4m3fn])
 @pytest.mark.parametrize("splits,fused", [(None, True), (1, True), (8, True), (8, False)])
 @pytest.mark.parametrize("short", [64, 256])
-@pytest.mark.parametrize("prefetch,one_shot", [(False, False), (True, False), (True, True)])
-def test_decode_attention(dev, monkeypatch, cache_dtype, splits, fused, short, prefetch,
-                          one_shot):  # fmt: skip
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_decode_attention(dev, monkeypatch, cache_dtype, splits, fused, short, prefetch):
     """One query per sequence, lengths 1…300 (and 0 = padding row → zeros); split contexts
     merged by the last split of each head group (fused) or by the merge kernel; contexts up to
     `short` tokens are one split, written directly (with 256 all but the 300-token one); with
-    or without the K / V rows prefetched before the PDL wait (launches of several splits);
-    with `ONE_SHOT`, the contexts up to `short` tokens of such launches in one pass."""
+    or without the K / V rows prefetched before the PDL wait (launches of several splits)."""
     from lowbit.kernels.triton import common
     from lowbit.kernels.triton import paged_decode_attention as mod
 
     monkeypatch.setattr(common, "FUSED_SPLITK", fused)
     monkeypatch.setattr(mod, "SHORT_CONTEXT", short)
     monkeypatch.setattr(mod, "PREFETCH_KV", prefetch)
-    monkeypatch.setattr(mod, "ONE_SHOT", one_shot)
     got = []  # the counters the kernel was given: the fused merge ran iff there were any
     monkeypatch.setattr(mod, "splitk_counters", lambda *a: got.append(common.splitk_counters(*a))
                         or got[-1])  # fmt: skip

@@ -22,12 +22,6 @@ USE_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET") != "1")
 # kernel's writes are visible, so the launch gap between consecutive small kernels (batch-1
 # decode: ~15 a layer) is hidden. LOWBIT_PDL=0 turns it off; benchmarks flip PDL_ENABLED.
 PDL_ENABLED = os.environ.get("LOWBIT_PDL", "1") != "0"
-# With TRIGGER_FIRST a kernel lets the next one launch before its own wait (not after it), so
-# up to three kernels of a chain overlap: the next one's loads before its wait start a kernel
-# earlier. A kernel then may read before its wait only what no kernel of its forward pass
-# writes (weights, host-copied metadata, the KV rows of earlier passes, which host copies
-# separate from this one). An A/B switch (LOWBIT_PDL_TRIGGER_FIRST=1).
-TRIGGER_FIRST = os.environ.get("LOWBIT_PDL_TRIGGER_FIRST", "0") == "1"
 
 
 def pdl(device: torch.device) -> dict[str, bool]:
@@ -41,7 +35,7 @@ def pdl(device: torch.device) -> dict[str, bool]:
         and capability(torch.cuda.current_device() if device.index is None else device.index)
         >= (9, 0)
     )
-    return {"PDL": (2 if TRIGGER_FIRST else 1) if on else 0, "launch_pdl": on}
+    return {"PDL": on, "launch_pdl": on}
 
 
 def splitk_buffer(split: int, M: int, N: int, dtype: torch.dtype, device) -> Tensor:
@@ -235,11 +229,8 @@ def pdl_enter(PDL: tl.constexpr):
     """The first statement of every kernel launched with `pdl(...)` (before it a kernel may
     only read what no kernel writes, such as weights, and write nothing): wait until the
     previous kernel in the stream has finished and its writes are visible, then let the next
-    kernel launch (it will wait here in turn), so at most two kernels overlap; PDL == 2
-    (`TRIGGER_FIRST`) lets the next kernel launch first. A no-op when PDL is off."""
-    if PDL == 2:  # `TRIGGER_FIRST`
-        tl.extra.cuda.gdc_launch_dependents()
-        tl.extra.cuda.gdc_wait()
-    elif PDL:
+    kernel launch (it will wait here in turn), so at most two kernels overlap. A no-op when
+    PDL is off."""
+    if PDL:
         tl.extra.cuda.gdc_wait()
         tl.extra.cuda.gdc_launch_dependents()

@@ -46,16 +46,6 @@ SHORT_CONTEXT = 256
 # tok/s off → on: batch 1 fp8 287 / 288 → 290 / 290, w4a16 408 / 409 → 410 / 409; at batch 64
 # (one split) it cost 1-2 % (fp8 11,730 → 11,473), hence not there. An A/B switch.
 PREFETCH_KV = True
-# Launches of several splits (few sequences) take a context of up to SHORT_CONTEXT tokens in one
-# pass instead of the loop: the whole context is one (SHORT_CONTEXT, D) tile, and every row but
-# the sequence's last is loaded before the PDL wait, straight into registers. That is sound:
-# those rows were written by earlier forward passes, which finished before this one began (a
-# pass starts with host copies and torch kernels, which PDL does not chain), and within a pass
-# decode writes only each sequence's last row (the rotary + KV store launch right before this
-# one), which is read after the wait, with q. ONE_SHOT_WARPS warps hold the tile. An A/B
-# switch.
-ONE_SHOT = True
-ONE_SHOT_WARPS = 8
 
 
 @triton.jit
@@ -77,46 +67,11 @@ def _paged_decode_attention_kernel(
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     IS_FP8: tl.constexpr, FUSED_MERGE: tl.constexpr, SHORT: tl.constexpr,
     PREFETCH: tl.constexpr, PF_TOKENS: tl.constexpr, PF_LINES: tl.constexpr,
-    LINE: tl.constexpr, ONE_PASS: tl.constexpr, PDL: tl.constexpr,
+    LINE: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     hkv = tl.program_id(1)
     split = tl.program_id(2)
-    if ONE_PASS:
-        seq_len = tl.load(lens_ptr + b)
-        if seq_len <= SHORT:
-            if split == 0:
-                _attend_one_pass(q_ptr, k_ptr, v_ptr, table_ptr, out_ptr, scale, k_scale,
-                                 v_scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_tb,
-                                 stride_ob, stride_oh, b, hkv, seq_len, GROUP, GROUP_PAD,
-                                 HEAD_DIM, BLOCK_D, BLOCK_SIZE, SHORT, IS_FP8, PDL)  # fmt: skip
-            else:
-                pdl_enter(PDL)
-        else:
-            _split_pass(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, ml_ptr,
-                        cnt_ptr, scale, k_scale, v_scale, stride_qb, stride_qh, stride_ks,
-                        stride_kh, stride_tb, stride_ob, stride_oh, b, hkv, split, GROUP,
-                        GROUP_PAD, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, NUM_SPLITS, IS_FP8,
-                        FUSED_MERGE, SHORT, PREFETCH, PF_TOKENS, PF_LINES, LINE,
-                        PDL)  # fmt: skip
-    else:
-        _split_pass(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, ml_ptr,
-                    cnt_ptr, scale, k_scale, v_scale, stride_qb, stride_qh, stride_ks, stride_kh,
-                    stride_tb, stride_ob, stride_oh, b, hkv, split, GROUP, GROUP_PAD, HEAD_DIM,
-                    BLOCK_D, BLOCK_SIZE, BLOCK_N, NUM_SPLITS, IS_FP8, FUSED_MERGE, SHORT,
-                    PREFETCH, PF_TOKENS, PF_LINES, LINE, PDL)  # fmt: skip
-
-
-@triton.jit
-def _split_pass(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, ml_ptr, cnt_ptr,
-                scale, k_scale, v_scale, stride_qb, stride_qh, stride_ks, stride_kh, stride_tb,
-                stride_ob, stride_oh, b, hkv, split, GROUP: tl.constexpr,
-                GROUP_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-                IS_FP8: tl.constexpr, FUSED_MERGE: tl.constexpr, SHORT: tl.constexpr,
-                PREFETCH: tl.constexpr, PF_TOKENS: tl.constexpr, PF_LINES: tl.constexpr,
-                LINE: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
-    """Program (b, hkv, split) of the loop over BLOCK_N-token steps (its PDL wait included)."""
     if PREFETCH:  # the context length and block table are the host's: readable before the wait
         seq_len = tl.load(lens_ptr + b)
         per_split, active = _active_splits(seq_len, NUM_SPLITS, BLOCK_N, SHORT)
@@ -134,59 +89,6 @@ def _split_pass(q_ptr, k_ptr, v_ptr, table_ptr, lens_ptr, out_ptr, part_ptr, ml_
                 stride_ob, stride_oh, b, hkv, split, seq_len, per_split, active, GROUP,
                 GROUP_PAD, HEAD_DIM, BLOCK_D, BLOCK_SIZE, BLOCK_N, NUM_SPLITS, IS_FP8,
                 FUSED_MERGE)  # fmt: skip
-
-
-@triton.jit
-def _attend_one_pass(q_ptr, k_ptr, v_ptr, table_ptr, out_ptr, scale, k_scale, v_scale,
-                     stride_qb, stride_qh, stride_ks, stride_kh, stride_tb, stride_ob, stride_oh,
-                     b, hkv, seq_len, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                     TILE: tl.constexpr, IS_FP8: tl.constexpr, PDL: tl.constexpr):  # fmt: skip
-    """(b, hkv)'s output over a context of seq_len ≤ TILE tokens as one tile (`ONE_SHOT`): the
-    rows before the last are loaded before the PDL wait, the last row and q after it."""
-    g = tl.arange(0, GROUP_PAD)
-    d = tl.arange(0, BLOCK_D)
-    tok = tl.arange(0, TILE)
-    heads = hkv * GROUP + g
-    d_mask = d < HEAD_DIM
-    block = tl.load(table_ptr + b * stride_tb + tok // BLOCK_SIZE, mask=tok < seq_len - 1,
-                    other=0)  # fmt: skip
-    slot = block.to(tl.int64) * BLOCK_SIZE + tok % BLOCK_SIZE
-    kv_off = slot[:, None] * stride_ks + hkv * stride_kh + d[None, :]
-    old = (tok < seq_len - 1)[:, None] & d_mask[None, :]
-    k = tl.load(k_ptr + kv_off, mask=old, other=0.0)  # (TILE, D)
-    v = tl.load(v_ptr + kv_off, mask=old, other=0.0)
-    # the last row's address (its block id is the host's), its values after the wait
-    last = tl.maximum(seq_len - 1, 0)
-    new_block = tl.load(table_ptr + b * stride_tb + last // BLOCK_SIZE).to(tl.int64)
-    new_row = (new_block * BLOCK_SIZE + last % BLOCK_SIZE) * stride_ks + hkv * stride_kh + d
-    pdl_enter(PDL)
-    has_new = d_mask & (seq_len > 0)
-    k_new = tl.load(k_ptr + new_row, mask=has_new, other=0.0, cache_modifier=".cg")  # (D,)
-    v_new = tl.load(v_ptr + new_row, mask=has_new, other=0.0, cache_modifier=".cg")
-    out_mask = (g < GROUP)[:, None] & d_mask[None, :]
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + d[None, :], mask=out_mask,
-                other=0.0)  # fmt: skip
-    if IS_FP8:  # fp8 → 16-bit is exact; the scales multiply the products
-        k = k.to(q.dtype)
-        v = v.to(q.dtype)
-        scale = scale * k_scale
-    # the rows before the last on the tensor cores, the last one beside them
-    qk = tl.dot(q, tl.trans(k)) * scale  # (G, TILE) float32
-    qk = tl.where((tok < seq_len - 1)[None, :], qk, float("-inf"))
-    qk_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * scale  # (G,)
-    qk_new = tl.where(seq_len > 0, qk_new, float("-inf"))
-    m = tl.maximum(tl.max(qk, axis=1), qk_new)
-    m = tl.where(m == float("-inf"), 0.0, m)  # seq_len 0: every p is 0, the output 0
-    p = tl.exp(qk - m[:, None])
-    p_new = tl.exp(qk_new - m)
-    den = tl.sum(p, axis=1) + p_new
-    acc = tl.dot(p.to(v.dtype), v) + p_new[:, None] * v_new.to(tl.float32)[None, :]
-    out = acc / tl.where(den > 0, den, 1.0)[:, None]
-    if IS_FP8:
-        out = out * v_scale
-    tl.store(out_ptr + b * stride_ob + heads[:, None] * stride_oh + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=out_mask)  # fmt: skip
 
 
 @triton.jit
@@ -364,8 +266,6 @@ def paged_decode_attention(
         ml = torch.empty(B, H, splits, 2, dtype=torch.float32, device=q.device)
         counters = splitk_counters(q.device, B * Hkv)
     block_d = triton.next_power_of_2(D)
-    one_pass = ONE_SHOT and splits > 1
-    warps = ONE_SHOT_WARPS if one_pass else NUM_WARPS
     _paged_decode_attention_kernel[(B, Hkv, splits)](
         q, k_cache, v_cache, block_tables, seq_lens, out, part, ml,
         counters if counters is not None else out, scale, k_scale, v_scale,
@@ -374,9 +274,9 @@ def paged_decode_attention(
         GROUP=group, GROUP_PAD=max(16, triton.next_power_of_2(group)), HEAD_DIM=D,
         BLOCK_D=block_d, BLOCK_SIZE=block_size, BLOCK_N=BLOCK_N, NUM_SPLITS=splits,
         IS_FP8=k_cache.dtype.itemsize == 1, FUSED_MERGE=counters is not None,
-        SHORT=SHORT_CONTEXT, PREFETCH=PREFETCH_KV and splits > 1, PF_TOKENS=32 * warps,
+        SHORT=SHORT_CONTEXT, PREFETCH=PREFETCH_KV and splits > 1, PF_TOKENS=32 * NUM_WARPS,
         PF_LINES=triton.cdiv(D * k_cache.element_size(), 128), LINE=128 // k_cache.element_size(),
-        ONE_PASS=one_pass, **pdl(q.device), num_warps=warps,
+        **pdl(q.device), num_warps=NUM_WARPS,
         num_stages=ONE_SPLIT_STAGES if splits == 1 and k_cache.dtype.itemsize == 2 else NUM_STAGES,
     )  # fmt: skip
     if splits > 1 and counters is None:
