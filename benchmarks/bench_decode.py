@@ -33,12 +33,13 @@ empty), `+shortk` gives its one-row programs over down_proj's long K the short-K
 kernel instead of the per-row one (w8a8_gemv.ROW_ACC off), `+noattpf` reads decode attention's K /
 V rows without first prefetching them to L2 before the PDL wait (paged_decode_attention.PREFETCH_KV
 off), `+normsw` loads RMSNorm's weight after the wait (rms_norm.EARLY_WEIGHT off), `+late` /
-`+early2` load none / two of the `mma16` GEMV's weight groups before the PDL wait (wna16_mma.EARLY,
-default 1). What-if flags, timing only (wrong numbers): `+skiprms`, `+skipsilu`, `+skipactq` (the
-W8A8 GEMM's own activation quantization), `+skiprope` (rotary + KV store), `+skipattn` (decode
-attention) run that kernel once per shape and reuse its first result, so the step runs without it —
-the most fusing it away could save. Scheme `bf16` (unquantized) or one of benchlib.BENCH_SCHEMES,
-lowbit's own quantized plans over dummy weights (benchlib.bench_plan).
+`+early2` load none / two of the `mma16` GEMV's weight groups before the PDL wait at ≤ 32 rows
+(wna16_mma.EARLY, default 1), `+early64one` one instead of two at 33-64 rows (EARLY_64). What-if
+flags, timing only (wrong numbers): `+skiprms`, `+skipsilu`, `+skipactq` (the W8A8 GEMM's own
+activation quantization), `+skiprope` (rotary + KV store), `+skipattn` (decode attention) run that
+kernel once per shape and reuse its first result, so the step runs without it — the most fusing it
+away could save. Scheme `bf16` (unquantized) or one of benchlib.BENCH_SCHEMES, lowbit's own
+quantized plans over dummy weights (benchlib.bench_plan).
 RMSNorm, rotary and SwiGLU run the fused Triton kernels in every variant (the layers call them
 since run 4; runs 1–3 had a `+fused` flag that patched them in).
 """
@@ -127,6 +128,7 @@ def lowbit_decode_flags(variant: str):
         "canonical": (dispatch, "WNA16_MMA", False),
         "late": (wna16_mma, "EARLY", 0),
         "early2": (wna16_mma, "EARLY", 2),
+        "early64one": (wna16_mma, "EARLY_64", 1),
         "att64": (paged_decode_attention, "SHORT_CONTEXT", 64),
         "attbn128": (paged_decode_attention, "BLOCK_N", 128),
         "attbn32": (paged_decode_attention, "BLOCK_N", 32),

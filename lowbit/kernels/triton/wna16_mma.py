@@ -34,8 +34,11 @@ NUM_SMS = 132
 MAX_M = 64
 # the first EARLY groups' weight loads of a warp go out before the PDL wait (H100,
 # benchmarks/RESULTS.md run 11, one group: o at M = 1 8.2 → 7.6 µs, the other shapes 0.1-0.8 µs
-# faster); 0, 1 or 2
+# faster); 0, 1 or 2. Two groups (run 17, call 3, w4a16 decode tok/s, two pairs, one → two):
+# batch 1 407 / 410 → 363 / 364, batch 16 4,612 / 4,570 → 4,554 / 4,602, batch 64 7,672 /
+# 7,684 → 7,882 / 7,876 — so two only for 33-64 rows (EARLY_64)
 EARLY = 1
+EARLY_64 = 2
 SMALL_N_E = 1  # column tiles a warp at M ≤ 8 for N ≤ 8192
 # 9-32 rows of x (MT 2 or 4): programs of `warps` column units whose `kw` warps each take a
 # slice of the split's groups, their sums meeting in the program, instead of four units of one
@@ -361,7 +364,7 @@ def _config(M: int, N: int, K: int, G: int, **over) -> dict[str, int]:
     else:  # 8 splits for long K (down at M = 16: 31.6 → 25.0 µs; 4 → 8 was slower on o)
         c = {"e": 2 if mt == 2 else 8 // mt, "warps": 4, "waves": 8,
              "max_split": 8 if K >= 8192 else 4,
-             "early": EARLY}  # fmt: skip
+             "early": EARLY_64 if mt == 8 else EARLY}  # fmt: skip
         c.update(SLICED.get(mt, {}))
     c = {"kw": 1, "gpw": 0, **c}
     if set(over) - set(c):
