@@ -7,7 +7,9 @@ per weight copy (copies together larger than L2, so nothing is served from cache
 removes Python and launch overhead, as in decode), TFLOP/s, GB/s of the minimum
 bytes (weights + scales + activations in + out), % of the roofline (the larger of the compute
 and memory floors at the measured ceilings), and speedup over bf16. Dynamic activation
-quantization is inside the timed region for every W8A8 scheme (fp8-tensor: static scale).
+quantization is inside the timed region for every W8A8 scheme (fp8-tensor: static scale) but
+fp8-prequant: fp8-row's GEMM on activations already quantized per token, as lowbit's RMSNorm and
+SwiGLU hand them to qkv, gate_up and down (o_proj's input is quantized by its own launch).
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ def _weights(scheme: str, N: int, K: int) -> tuple[dict, int]:
             from lowbit.kernels.mma16 import pack_mma16
 
             w["qweight"] = pack_mma16(w["qweight"])
-    elif scheme.split(":")[0] in ("fp8-row", "fp8-cublas", "fp8-triton", "fp8-tensor"):
+    elif scheme.split(":")[0] in ("fp8-row", "fp8-prequant", "fp8-cublas", "fp8-triton",
+                                  "fp8-tensor"):  # fmt: skip
         per_row = scheme != "fp8-tensor"
         w = {
             "w": torch.randn(N, K, device=d).clamp(-8, 8).to(torch.float8_e4m3fn),
@@ -128,7 +131,7 @@ def _call(scheme: str, x, w):
 
         bits = 4 if scheme == "w4a16-mma" else 8
         return wna16_gemm(x, w["qweight"], w["scales"], w["qzeros"], 128, bits)
-    if scheme == "fp8-row":  # per-channel weight, dynamic per-token activations (dispatch)
+    if scheme in ("fp8-row", "fp8-prequant"):  # per-channel weight, dynamic per-token x
         return dispatch.fp8_scaled_mm(x, w["w"], w["s"])
     if scheme == "fp8-cublas":  # the same, always through torch._scaled_mm
         return dispatch._fp8_cublas(x, w["w"], w["s"])
@@ -202,6 +205,9 @@ def bench(scheme: str, name: str, N: int, K: int, M: int) -> dict:
     one, wbytes = _weights(scheme, N, K)
     copies = [one] + [_weights(scheme, N, K)[0] for _ in range(max(0, ROTATE_BYTES // wbytes))]
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    if scheme == "fp8-prequant":  # quantized by its producer, as RMSNorm / SwiGLU do in lowbit
+        xq, xs = dispatch.act_quant(x, torch.float8_e4m3fn)
+        x = dispatch.QuantizedActivation(xq, xs, torch.bfloat16)
     y = _call(scheme, x, one)
     assert y.shape == (M, N) and not torch.isnan(y).any(), (scheme, name, M)
     ms = graph_us(lambda w: _call(scheme, x, w), copies) / 1e3
