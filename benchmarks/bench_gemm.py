@@ -7,9 +7,10 @@ per weight copy (copies together larger than L2, so nothing is served from cache
 removes Python and launch overhead, as in decode), TFLOP/s, GB/s of the minimum
 bytes (weights + scales + activations in + out), % of the roofline (the larger of the compute
 and memory floors at the measured ceilings), and speedup over bf16. Dynamic activation
-quantization is inside the timed region for every W8A8 scheme (fp8-tensor: static scale) but
-fp8-prequant: fp8-row's GEMM on activations already quantized per token, as lowbit's RMSNorm and
-SwiGLU hand them to qkv, gate_up and down (o_proj's input is quantized by its own launch).
+quantization is inside the timed region for every W8A8 scheme (fp8-tensor: static scale) except
+fp8-prequant, which is fp8-row's GEMM on activations already quantized per token, as lowbit's
+RMSNorm and SwiGLU hand them to qkv, gate_up and down (o_proj's input is quantized by a launch
+of its own, so fp8-row is its number).
 """
 
 from __future__ import annotations

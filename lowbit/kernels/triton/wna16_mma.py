@@ -262,9 +262,8 @@ def _wna16_mma_kernel(
         g_lo = pid_k * groups_per_split + (idx // 32 // CT) * per_warp
     else:
         g_lo = pid_k * groups_per_split
-    # Weights are never written by a kernel, so with PDL the first group's weight loads may go
-    # out before the wait for the previous kernel (which x comes from): EARLY
-    # (EARLY groups: 0, 1 or 2, at most the warp's)
+    # Weights are never written by a kernel, so with PDL the first EARLY groups' weight loads
+    # (0, 1 or 2, at most the warp's) may go out before the wait for the kernel x comes from
     if EARLY >= 1:
         first = _fetch_w(w_base, s_ptr, z_ptr, g_lo, cg, j0, g, stride_sg, stride_zg, GROUP,
                          HAS_ZERO, E)  # fmt: skip
